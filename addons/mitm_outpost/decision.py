@@ -1,0 +1,80 @@
+"""The decision record: what the outpost decided about a flow, and why.
+
+One plain dict on `flow.metadata["outpost"]` (so flows can be saved and shown in mitmweb),
+mirrored as a one-line `flow.comment` and a mark. Logs and metrics read this record;
+nobody re-derives a decision. Per-request working data that must never be serialised
+(cookie values, the session) lives in `Exchange`, kept beside the flow, not on it.
+"""
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from mitmproxy import http
+
+from .provider import Provider
+from .sessions import Session
+
+logger = logging.getLogger("mitm_outpost")
+
+METADATA_KEY = "outpost"
+
+
+class Outcome(StrEnum):
+    ALLOWED = "allowed"  # proxied upstream with identity headers
+    SKIPPED = "skipped"  # proxied upstream without identity: an unauthenticated-path rule matched
+    REDIRECTED = "redirected"  # sent to log in
+    DENIED = "denied"  # answered with an error status
+    ENDPOINT = "endpoint"  # answered by one of the outpost's own endpoints
+
+
+MARKS = {
+    Outcome.ALLOWED: ":white_check_mark:",
+    Outcome.SKIPPED: ":unlock:",
+    Outcome.REDIRECTED: ":arrow_right_hook:",
+    Outcome.DENIED: ":no_entry:",
+    Outcome.ENDPOINT: ":gear:",
+}
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What the addons of the chain hand each other about one request."""
+
+    provider: Provider | None = None
+    path: str = ""
+    query: str = ""
+    session_cookie: str = ""
+    login_cookie: str = ""
+    session: Session | None = None
+    set_cookies: list[str] = field(default_factory=list)
+    proxied: bool = False  # sent upstream (not answered by the outpost)
+
+
+_exchanges: "weakref.WeakKeyDictionary[http.HTTPFlow, Exchange]" = weakref.WeakKeyDictionary()
+
+
+def begin(flow: http.HTTPFlow, path: str, query: str) -> Exchange:
+    exchange = _exchanges[flow] = Exchange(path=path, query=query)
+    flow.metadata[METADATA_KEY] = {}
+    return exchange
+
+
+def exchange_of(flow: http.HTTPFlow) -> Exchange | None:
+    return _exchanges.get(flow)
+
+
+def note(flow: http.HTTPFlow, **fields: str) -> None:
+    """Add facts (provider, mode, user, session, ...) to the record without deciding."""
+    flow.metadata.setdefault(METADATA_KEY, {}).update(fields)
+
+
+def decide(flow: http.HTTPFlow, outcome: Outcome, reason: str, level: int = logging.DEBUG) -> None:
+    record = flow.metadata.setdefault(METADATA_KEY, {})
+    record["outcome"] = outcome.value
+    record["reason"] = reason
+    who = f" [{record['provider']}]" if record.get("provider") else ""
+    flow.comment = f"outpost{who}: {outcome.value}: {reason}"
+    flow.marked = MARKS[outcome]
+    logger.log(level, "%s %s%s %s: %s", flow.request.method, flow.request.host_header, flow.request.path.partition("?")[0], outcome.value, reason)

@@ -1,0 +1,169 @@
+"""The Endpoints addon: the outpost's own paths (start, callback, sign_out).
+
+Login binds three things together: a signed, expiring `state` (HS256 JWT) naming a
+server-side pending login; that pending login, used once; and a pre-login cookie held by
+the browser that started it. A state that is forged, expired, replayed or carried to
+another browser ends in a 400 and a log line.
+"""
+
+import hashlib
+import hmac
+import logging
+import time
+import urllib.parse
+
+import jwt
+from mitmproxy import http
+
+from . import names, pages
+from .configuration import Registry
+from .decision import Exchange, Outcome, decide, exchange_of, note
+from .identity import kept_claims, user_headers
+from .oidc import TokenError
+from .provider import Provider
+from .session_check import load_session
+from .sessions import LOGIN_TTL, PendingLogin, Session, new_id
+from .urls import safe_redirect
+
+logger = logging.getLogger("mitm_outpost")
+
+ENDPOINT_PATHS = {prefix + name: name for prefix in names.ENDPOINT_PREFIXES for name in names.ENDPOINTS - {names.PING}}
+LOGIN_COOKIE_LENGTH = 43  # secrets.token_urlsafe(32)
+
+
+class LoginFailed(str):
+    """Why a callback could not complete a login (shown to the user and logged)."""
+
+
+def _binding(cookie: str) -> str:
+    return hashlib.sha256(cookie.encode()).hexdigest()
+
+
+def _query(exchange: Exchange) -> dict[str, str]:
+    return dict(urllib.parse.parse_qsl(exchange.query, keep_blank_values=True))
+
+
+class Endpoints:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        exchange = exchange_of(flow)
+        if flow.response or exchange is None or exchange.provider is None:
+            return
+        endpoint = ENDPOINT_PATHS.get(exchange.path)
+        if endpoint is None:
+            return
+        note(flow, endpoint=endpoint)
+        handler = {names.START: self.start, names.CALLBACK: self.callback, names.SIGN_OUT: self.sign_out}[endpoint]
+        await handler(flow, exchange, exchange.provider)
+        for cookie in exchange.set_cookies:
+            flow.response.headers.add("Set-Cookie", cookie)  # type: ignore[union-attr]
+
+    async def start(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
+        rd = _query(exchange).get("rd", "")
+        redirect = safe_redirect(rd, provider.external_origin) if rd else None
+        if rd and redirect is None:
+            logger.warning("provider %s: refused rd=%r (not on %s)", provider.name, rd[:200], provider.external_origin)
+        redirect = redirect or provider.external_origin + "/"
+        flow.response = await self.begin_login(exchange, provider, redirect)
+        decide(flow, Outcome.ENDPOINT, f"start: sent to the identity provider, back to {redirect}" + (" (rd refused)" if rd and not redirect.startswith(rd) else ""))
+
+    async def begin_login(self, exchange: Exchange, provider: Provider, redirect: str) -> http.Response:
+        """A 302 to the IdP's authorize endpoint, with the pending login stored and bound to this browser."""
+        binding_cookie = exchange.login_cookie
+        if len(binding_cookie) != LOGIN_COOKIE_LENGTH:
+            binding_cookie = new_id()
+            exchange.set_cookies.append(provider.set_cookie(provider.login_cookie_name, binding_cookie, LOGIN_TTL))
+        state_id = new_id()
+        now = int(time.time())
+        state = jwt.encode(
+            {"iss": f"goauthentik.io/outpost/{provider.client_id}", "state": state_id, "iat": now, "exp": now + LOGIN_TTL},
+            provider.state_key, algorithm="HS256",
+        )
+        login = provider.idp.login_request(provider.redirect_uri, provider.scope, state)
+        await self.registry.store.put_login(
+            state_id,
+            PendingLogin(provider.name, _binding(binding_cookie), login.nonce, login.code_verifier, redirect),
+        )
+        return pages.redirect(login.url)
+
+    async def callback(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
+        params = _query(exchange)
+        retry = (provider.external_origin + names.START_PATH, "Sign in again")
+        if "error" in params:
+            reason = f"the identity provider refused the login: {params['error']} {params.get('error_description', '')}".strip()
+            flow.response = pages.page(403, "Sign-in refused", reason, retry)
+            decide(flow, Outcome.DENIED, reason[:200], logging.WARNING)
+            return
+        redirect = await self.finish_login(exchange, provider, params)
+        if isinstance(redirect, LoginFailed):
+            flow.response = pages.page(400, "Sign-in failed", str(redirect), retry)
+            decide(flow, Outcome.DENIED, f"callback: {redirect}", logging.WARNING)
+            return
+        assert exchange.session is not None
+        flow.response = pages.redirect(redirect)
+        decide(flow, Outcome.ENDPOINT, f"callback: signed in as {exchange.session.username}, back to {redirect}", logging.INFO)
+
+    async def finish_login(self, exchange: Exchange, provider: Provider, params: dict[str, str]) -> "str | LoginFailed":
+        """Complete the login: the session is stored and its cookie queued; returns where to go next."""
+        state, code = params.get("state", ""), params.get("code", "")
+        if not state or not code:
+            return LoginFailed("the callback lacks its state or code")
+        try:
+            claims = jwt.decode(
+                state, provider.state_key, algorithms=["HS256"],
+                issuer=f"goauthentik.io/outpost/{provider.client_id}", options={"require": ["exp", "state"]},
+            )
+        except jwt.ExpiredSignatureError:
+            return LoginFailed("the login took too long; its state has expired")
+        except jwt.PyJWTError:
+            return LoginFailed("the login state is not valid")
+        login = await self.registry.store.take_login(str(claims["state"]))
+        if login is None or login.provider != provider.name:
+            return LoginFailed("the login state was already used or has expired")
+        if not exchange.login_cookie or not hmac.compare_digest(_binding(exchange.login_cookie), login.browser_binding):
+            return LoginFailed("the login was started in another browser")
+        try:
+            token = await provider.idp.exchange_code(code, login.code_verifier, provider.redirect_uri)
+            id_token = token.get("id_token")
+            if not isinstance(id_token, str):
+                raise TokenError("the token response has no id_token")
+            verified = await provider.idp.verify_id_token(id_token, login.nonce)
+        except TokenError as e:
+            logger.warning("provider %s: login failed: %s", provider.name, e)
+            return LoginFailed("the identity provider's answer could not be verified")
+        access_token = str(token.get("access_token") or "")
+        raw_token = access_token if access_token.count(".") == 2 else id_token
+        claims = kept_claims(verified)
+        session = Session(
+            provider=provider.name,
+            sub=str(verified["sub"]),
+            headers=user_headers(claims, raw_token, self.registry.legacy_headers),
+            expires_at=time.time() + provider.session_lifetime,
+            idp_sid=str(verified.get("sid") or ""),
+            id_token=id_token,
+            claims=claims,
+        )
+        if exchange.session_cookie:  # never carry a pre-login session over (fixation)
+            await self.registry.store.delete(exchange.session_cookie)
+        session_id = new_id()
+        await self.registry.store.put(session_id, session)
+        exchange.session = session
+        exchange.set_cookies.append(provider.set_cookie(provider.cookie_name, session_id, provider.session_lifetime))
+        return login.redirect
+
+    async def sign_out(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
+        await load_session(self.registry, exchange)
+        session = exchange.session
+        exchange.set_cookies.append(provider.clear_cookie(provider.cookie_name))
+        if session is None:
+            flow.response = pages.page(200, "Signed out", "You are signed out.")
+            decide(flow, Outcome.ENDPOINT, "sign_out: no session")
+            return
+        ended = await self.registry.store.delete_user(provider.name, session.sub)
+        if provider.idp.end_session_endpoint:
+            flow.response = pages.redirect(provider.idp.end_session_url(session.id_token))
+        else:
+            flow.response = pages.page(200, "Signed out", "You are signed out.")
+        decide(flow, Outcome.ENDPOINT, f"sign_out: ended {ended} session(s) of {session.username}", logging.INFO)

@@ -1,0 +1,101 @@
+"""The Listeners addon: ports 9000 (HTTP) and 9443 (HTTPS) in reverse mode, and the certificates
+9443 serves.
+
+`mitmdump -s addons/outpost.py` with no other flag must be an outpost, so when the user has
+not chosen a mode we choose ours. 9443 presents the provider's certificate by SNI, else a
+self-signed one made here; mitmproxy's interception CA never signs for the outpost.
+"""
+
+import datetime
+import ipaddress
+import logging
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from mitmproxy import ctx
+from mitmproxy.addonmanager import Loader
+
+from .configuration import Registry
+
+logger = logging.getLogger("mitm_outpost")
+
+# Reverse mode needs a target; every request is re-targeted per provider before it leaves,
+# so this address is never dialled (connection_strategy=lazy).
+PLACEHOLDER_TARGET = "http://127.0.0.1:1"
+DEFAULT_CERT_FILE = "outpost-default-cert.pem"
+
+
+class Listeners:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option("outpost_http_port", int, 9000, "Port of the outpost's plain HTTP listener.")
+        loader.add_option("outpost_https_port", int, 9443, "Port of the outpost's HTTPS listener (0 turns it off).")
+        loader.add_option("outpost_listen_host", str, "", "Address the outpost listens on (empty: all interfaces).")
+
+    def configure(self, updated: set[str]) -> None:
+        ours = {"outpost_http_port", "outpost_https_port", "outpost_listen_host", "outpost_config"}
+        if not updated & ours:
+            return
+        changes: dict[str, object] = {"keep_host_header": True, "connection_strategy": "lazy"}
+        if ctx.options.mode == ["regular"] or updated & ours - {"outpost_config"}:
+            changes["mode"] = self.modes()
+        if not ctx.options.stream_large_bodies:
+            changes["stream_large_bodies"] = "1m"
+        changes["certs"] = self.certificates()
+        ctx.options.update(**changes)
+
+    def running(self) -> None:
+        """mitmproxy loads `-s` scripts after it has started its servers from the startup options,
+        so the mode we chose in configure() has not reached them yet: announce it again now."""
+        ctx.options.changed.send(updated={"mode"})
+
+    def modes(self) -> list[str]:
+        host = ctx.options.outpost_listen_host
+        at = f"{host}:" if host else ""
+        ports = [ctx.options.outpost_http_port, ctx.options.outpost_https_port]
+        return [f"reverse:{PLACEHOLDER_TARGET}@{at}{port}" for port in ports if port]
+
+    def certificates(self) -> list[str]:
+        """`certs` entries: each provider's own certificate for its host, then the fallback for all."""
+        entries = []
+        for p in self.registry.providers:
+            if p.certificate:
+                entries.append(f"{p.hostname}={p.certificate}")
+        confdir = Path(ctx.options.confdir).expanduser()
+        hostnames = sorted({p.hostname for p in self.registry.providers})
+        entries.append(f"*={write_self_signed(confdir / DEFAULT_CERT_FILE, hostnames)}")
+        return entries
+
+
+def write_self_signed(path: Path, hostnames: list[str]) -> Path:
+    """A self-signed certificate for the provider hosts (like authentik's default one)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mitm-outpost default certificate")])
+    sans: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    for host in hostnames:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(list(dict.fromkeys(sans))), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    path.write_bytes(pem + cert.public_bytes(serialization.Encoding.PEM))
+    path.chmod(0o600)
+    return path

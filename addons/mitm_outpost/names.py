@@ -1,0 +1,80 @@
+"""Every name the outside world depends on, in one place.
+
+Reverse proxies, upstream apps and IdP registrations are configured with these exact
+strings (authentik's own), so each list lives here once and every module imports it.
+"""
+
+import hashlib
+from enum import StrEnum
+
+from . import __version__
+
+
+class Mode(StrEnum):
+    PROXY = "proxy"
+    FORWARD_SINGLE = "forward_single"
+    FORWARD_DOMAIN = "forward_domain"
+
+
+# The outpost's own paths. The legacy prefix is the one of authentik < 2022.2 (seed 002).
+ENDPOINT_PREFIXES = ("/outpost.goauthentik.io/", "/akprox/")
+PING, START, CALLBACK, SIGN_OUT = "ping", "start", "callback", "sign_out"
+ENDPOINTS = frozenset({PING, START, CALLBACK, SIGN_OUT})
+CALLBACK_PATH = "/outpost.goauthentik.io/callback"
+CALLBACK_QUERY = "X-authentik-auth-callback=true"
+START_PATH = "/outpost.goauthentik.io/start"
+
+OUTPOST_VERSION = f"goauthentik.io/outpost/mitm-outpost-{__version__}"
+
+# Identity headers sent upstream (seeds 000/001), in the order the upstream sees them.
+USERNAME = "X-authentik-username"
+GROUPS = "X-authentik-groups"
+ENTITLEMENTS = "X-authentik-entitlements"
+EMAIL = "X-authentik-email"
+NAME = "X-authentik-name"
+UID = "X-authentik-uid"
+JWT = "X-authentik-jwt"
+META_JWKS = "X-authentik-meta-jwks"
+META_OUTPOST = "X-authentik-meta-outpost"
+META_PROVIDER = "X-authentik-meta-provider"
+META_APP = "X-authentik-meta-app"
+META_VERSION = "X-authentik-meta-version"
+IDENTITY_HEADERS = (
+    USERNAME, GROUPS, ENTITLEMENTS, EMAIL, NAME, UID, JWT,
+    META_JWKS, META_OUTPOST, META_PROVIDER, META_APP, META_VERSION,
+)
+
+# Legacy names (seed 002) and the claim each one carries.
+LEGACY_HEADERS = {
+    "X-Auth-Username": "preferred_username",
+    "X-Auth-Groups": "groups",
+    "X-Forwarded-Email": "email",
+    "X-Forwarded-Preferred-Username": "preferred_username",
+    "X-Forwarded-User": "sub",
+}
+
+# Headers a client may never choose for the upstream: ours, and the forwarding ones we set.
+FORWARDING_HEADERS = ("X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded", "X-Real-IP")
+
+
+def header_key(name: str) -> str:
+    """The spelling-insensitive form of a header name: CGI/WSGI servers fold `_` into `-`."""
+    return name.strip().lower().replace("_", "-")
+
+
+PROTECTED_HEADER_KEYS = frozenset(
+    header_key(n) for n in (*IDENTITY_HEADERS, *LEGACY_HEADERS, *FORWARDING_HEADERS)
+)
+PROTECTED_HEADER_PREFIX = "x-authentik-"
+
+COOKIE_PREFIX = "authentik_proxy_"
+
+
+def cookie_name(client_id: str) -> str:
+    """authentik's per-provider session cookie name (spec §8.1)."""
+    return COOKIE_PREFIX + hashlib.sha256(client_id.encode()).hexdigest()[:8]
+
+
+def login_cookie_name(client_id: str) -> str:
+    """The short-lived cookie that binds a login in progress to the browser that started it."""
+    return cookie_name(client_id) + "_login"

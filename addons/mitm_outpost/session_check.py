@@ -1,0 +1,42 @@
+"""The SessionCheck addon: cookie -> opaque id -> session from the store."""
+
+import logging
+
+from mitmproxy import http
+
+from .configuration import Registry
+from .decision import Exchange, exchange_of, note
+
+logger = logging.getLogger("mitm_outpost")
+
+MAX_COOKIE_LENGTH = 128
+
+
+async def load_session(registry: Registry, exchange: Exchange) -> None:
+    """Fill `exchange.session`; an unknown, expired or foreign cookie is cleared in the answer."""
+    cookie = exchange.session_cookie
+    provider = exchange.provider
+    if not cookie or provider is None or exchange.session is not None:
+        return
+    session = await registry.store.get(cookie) if len(cookie) <= MAX_COOKIE_LENGTH else None
+    if session is None or session.provider != provider.name:
+        exchange.session_cookie = ""
+        exchange.set_cookies.append(provider.clear_cookie(provider.cookie_name))
+        return
+    exchange.session = session
+
+
+class SessionCheck:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        exchange = exchange_of(flow)
+        if flow.response or exchange is None or exchange.provider is None:
+            return
+        had_cookie = bool(exchange.session_cookie)
+        await load_session(self.registry, exchange)
+        if exchange.session is not None:
+            note(flow, session="valid", user=exchange.session.username, uid=exchange.session.sub)
+        else:
+            note(flow, session="unknown or expired cookie" if had_cookie else "none")

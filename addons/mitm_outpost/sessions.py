@@ -1,0 +1,105 @@
+"""Server-side sessions and logins in progress, behind one small interface.
+
+The browser holds only an opaque random id; the store keys everything by a hash of it, so
+a dump of the store yields no usable cookie. The interface is async so that a networked
+store (Redis) drops in without any addon changing.
+"""
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cachetools import TLRUCache, TTLCache
+
+LOGIN_TTL = 600  # seconds a login may take from /start to /callback
+
+
+def new_id() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def storage_key(opaque_id: str) -> str:
+    return hashlib.sha256(opaque_id.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """What a login leaves behind: who the user is, the headers they get, when it ends."""
+
+    provider: str
+    sub: str
+    headers: tuple[tuple[str, str], ...]
+    expires_at: float
+    idp_sid: str = ""
+    id_token: str = ""
+    claims: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def username(self) -> str:
+        return str(self.claims.get("preferred_username") or self.sub)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLogin:
+    """A login between /start and /callback. Used once, then deleted."""
+
+    provider: str
+    browser_binding: str  # sha256 of the pre-login cookie value
+    nonce: str
+    code_verifier: str
+    redirect: str
+
+
+class SessionStore(Protocol):
+    async def get(self, session_id: str) -> Session | None: ...
+    async def put(self, session_id: str, session: Session) -> None: ...
+    async def delete(self, session_id: str) -> None: ...
+    async def delete_user(self, provider: str, sub: str) -> int: ...
+    async def delete_idp_session(self, idp_sid: str) -> int: ...
+    async def put_login(self, state: str, login: PendingLogin) -> None: ...
+    async def take_login(self, state: str) -> PendingLogin | None: ...
+    def count(self) -> int: ...
+
+
+class MemoryStore:
+    """Sessions in this process, expiring on their own (cachetools)."""
+
+    def __init__(self, max_sessions: int = 1_000_000, max_logins: int = 100_000) -> None:
+        self._sessions: TLRUCache[str, Session] = TLRUCache(
+            maxsize=max_sessions, ttu=lambda _k, s, _now: s.expires_at, timer=time.time
+        )
+        self._logins: TTLCache[str, PendingLogin] = TTLCache(maxsize=max_logins, ttl=LOGIN_TTL)
+
+    async def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(storage_key(session_id))
+
+    async def put(self, session_id: str, session: Session) -> None:
+        self._sessions[storage_key(session_id)] = session
+
+    async def delete(self, session_id: str) -> None:
+        self._sessions.pop(storage_key(session_id), None)
+
+    async def delete_user(self, provider: str, sub: str) -> int:
+        return self._delete_where(lambda s: s.provider == provider and s.sub == sub)
+
+    async def delete_idp_session(self, idp_sid: str) -> int:
+        return self._delete_where(lambda s: bool(idp_sid) and s.idp_sid == idp_sid)
+
+    def _delete_where(self, match) -> int:  # type: ignore[no-untyped-def]
+        self._sessions.expire()
+        doomed = [key for key, session in self._sessions.items() if match(session)]
+        for key in doomed:
+            del self._sessions[key]
+        return len(doomed)
+
+    async def put_login(self, state: str, login: PendingLogin) -> None:
+        self._logins[storage_key(state)] = login
+
+    async def take_login(self, state: str) -> PendingLogin | None:
+        return self._logins.pop(storage_key(state), None)
+
+    def count(self) -> int:
+        self._sessions.expire()
+        return len(self._sessions)

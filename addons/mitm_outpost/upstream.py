@@ -1,0 +1,75 @@
+"""The Upstream addon: where an allowed request goes, and what identity it carries.
+
+The request is re-targeted to the provider's internal host, `Host` becomes the backend's
+(seed 000), the X-Forwarded-* headers are ours alone, and an authenticated request gets the
+identity headers computed at login plus the provider's static ones.
+"""
+
+import logging
+
+from mitmproxy import http, tls
+from OpenSSL import SSL
+
+from . import names
+from .configuration import Registry
+from .decision import Outcome, decide, exchange_of
+
+logger = logging.getLogger("mitm_outpost")
+
+_COOKIE_PREFIX = names.COOKIE_PREFIX.lower()
+
+
+class Upstream:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        exchange = exchange_of(flow)
+        if flow.response or exchange is None or exchange.provider is None:
+            return
+        upstream = exchange.provider.upstream
+        if upstream is None:  # pragma: no cover - proxy mode always has one (config check)
+            return
+        request = flow.request
+        original_host = request.host_header or ""
+        request.scheme, request.host, request.port = upstream.scheme, upstream.host, upstream.port
+        exchange.proxied = True
+        headers = request.headers
+        headers["Host"] = upstream.host_header
+        headers["X-Forwarded-Host"] = original_host
+        headers["X-Forwarded-Proto"] = "https" if flow.client_conn.tls_established else "http"
+        headers["X-Forwarded-For"] = flow.client_conn.peername[0]
+        session = exchange.session
+        if session is not None:
+            for name, value in session.headers:
+                headers[name] = value
+            for name, value in exchange.provider.static_headers:
+                headers[name] = value
+            decide(flow, Outcome.ALLOWED, f"session of {session.username}")
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """The upstream may not plant outpost cookies (fixation); pending cookie changes go out."""
+        exchange = exchange_of(flow)
+        if exchange is None or not exchange.proxied or exchange.provider is None or flow.response is None:
+            return
+        response_headers = flow.response.headers
+        if "Set-Cookie" in response_headers:
+            cookies = response_headers.get_all("Set-Cookie")
+            kept = [c for c in cookies if not c.lstrip().lower().startswith(_COOKIE_PREFIX)]
+            if len(kept) != len(cookies):
+                response_headers.set_all("Set-Cookie", kept)
+                logger.warning("provider %s: dropped an outpost cookie set by the upstream", exchange.provider.name)
+        if exchange.session is None:  # e.g. a stale cookie on an unauthenticated path
+            for cookie in exchange.set_cookies:
+                response_headers.add("Set-Cookie", cookie)
+
+    def tls_start_server(self, tls_start: tls.TlsData) -> None:
+        """Per-provider `internal_host_ssl_validation` (mitmproxy's own switch is global)."""
+        address = tls_start.conn.address
+        if tls_start.ssl_conn is None or address is None:
+            return
+        for provider in self.registry.providers:
+            u = provider.upstream
+            if u is not None and not u.verify_tls and (u.host, u.port) == tuple(address[:2]):
+                tls_start.ssl_conn.set_verify(SSL.VERIFY_NONE)
+                return

@@ -1,0 +1,53 @@
+"""The demo upstream app: a page that shows the identity headers it received.
+
+It has no login of its own, like every app an outpost protects. `GET /` renders a "who am I"
+page; `GET /headers` returns all request headers as JSON (tests read this).
+"""
+
+import html
+import json
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0] + "/addons")
+from mitm_outpost import names  # noqa: E402
+
+SHOWN = (*names.IDENTITY_HEADERS, *names.LEGACY_HEADERS, "Host", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-For", "Cookie")
+
+
+class WhoAmI(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/headers"):
+            body = json.dumps({"path": self.path, "headers": [[k, v] for k, v in self.headers.items()]}).encode()
+            self._send(200, "application/json", body)
+            return
+        user = self.headers.get(names.USERNAME)
+        rows = "".join(
+            f"<tr><th>{html.escape(n)}</th><td><code>{html.escape(self.headers.get(n, '—'))[:120]}</code></td></tr>"
+            for n in SHOWN
+        )
+        title = f"Hello, {html.escape(user)}" if user else "Nobody is signed in"
+        body = f"""<!doctype html><html><head><meta charset="utf-8"><title>who am I</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem}}th{{text-align:left;padding-right:1rem}}td code{{word-break:break-all}}</style>
+</head><body><h1>{title}</h1><p>This page is the demo app behind mitm-outpost. It shows the headers it received.</p>
+<table>{rows}</table><p><a href="/outpost.goauthentik.io/sign_out">Sign out</a></p></body></html>""".encode()
+        self._send(200, "text/html; charset=utf-8", body)
+
+    do_POST = do_PUT = do_DELETE = do_GET
+
+    def _send(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 9080
+    ThreadingHTTPServer(("127.0.0.1", port), WhoAmI).serve_forever()
