@@ -28,16 +28,19 @@ class Sanitize:
         headers = flow.request.headers
         kept = []
         stripped = []
+        changed = False
         for name, value in headers.fields:
             if is_protected(name):
                 stripped.append(name.decode("latin-1"))
-            elif name.lower() == b"cookie" and _COOKIE_PREFIX in value:
+                changed = True
+                continue
+            if name.lower() == b"cookie" and _COOKIE_PREFIX in value:
                 value = self._take_cookies(value, exchange)
-                if value:
-                    kept.append((name, value))
-            else:
-                kept.append((name, value))
-        if len(kept) != len(headers.fields) or stripped:
+                changed = True
+                if not value:
+                    continue
+            kept.append((name, value))
+        if changed:
             headers.fields = tuple(kept)
         if stripped:
             note(flow, stripped_headers=", ".join(stripped))

@@ -5,6 +5,8 @@ what the browser will do: `/\\evil.com`, tabs inside `//`, `https:evil.com` and 
 resolve to their real host before the host is compared.
 """
 
+import urllib.parse
+
 import ada_url
 
 HTTP_SCHEMES = ("http:", "https:")
@@ -38,11 +40,15 @@ def safe_redirect(rd: str, external_origin: str) -> str | None:
     """The absolute URL to send the browser to after login, or None when `rd` is not ours.
 
     Relative values are resolved against the provider's origin; the result must have
-    exactly that scheme and host:port and no credentials. Control characters and
-    backslashes are refused outright: browsers strip or reinterpret them.
+    exactly that scheme and host:port and no credentials. Control characters, backslashes and a
+    leading `//` are refused outright, raw or percent-decoded once: browsers and servers
+    strip or reinterpret them.
     """
-    if not rd or has_control_chars(rd) or "\\" in rd or len(rd) > 8192:
+    if not rd or len(rd) > 8192:
         return None
+    for form in (rd, urllib.parse.unquote(rd)):  # also as a server that decodes once would see it
+        if has_control_chars(form) or "\\" in form or form.startswith("//"):
+            return None
     try:
         url = ada_url.URL(rd, base=external_origin + "/")
     except ValueError:

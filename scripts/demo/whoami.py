@@ -1,7 +1,8 @@
 """The demo upstream app: a page that shows the identity headers it received.
 
 It has no login of its own, like every app an outpost protects. `GET /` renders a "who am I"
-page; `GET /headers` returns all request headers as JSON (tests read this).
+page; `GET /headers` returns all request headers as JSON (tests read this); `POST /upload`
+counts the body it received and `GET /download/<n>` sends n bytes (streaming checks).
 """
 
 import html
@@ -18,7 +19,27 @@ SHOWN = (*names.IDENTITY_HEADERS, *names.LEGACY_HEADERS, "Host", "X-Forwarded-Ho
 class WhoAmI(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
+    def do_POST(self) -> None:
+        remaining, received = int(self.headers.get("Content-Length") or 0), 0
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            received += len(chunk)
+            remaining -= len(chunk)
+        self._send(200, "application/json", json.dumps({"received": received}).encode())
+
     def do_GET(self) -> None:
+        if self.path.startswith("/download/"):
+            size = int(self.path.rsplit("/", 1)[1])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            block = b"x" * (1 << 20)
+            for offset in range(0, size, len(block)):
+                self.wfile.write(block[: size - offset])
+            return
         if self.path.startswith("/headers"):
             body = json.dumps({"path": self.path, "headers": [[k, v] for k, v in self.headers.items()]}).encode()
             self._send(200, "application/json", body)
@@ -35,7 +56,6 @@ class WhoAmI(BaseHTTPRequestHandler):
 <table>{rows}</table><p><a href="/outpost.goauthentik.io/sign_out">Sign out</a></p></body></html>""".encode()
         self._send(200, "text/html; charset=utf-8", body)
 
-    do_POST = do_PUT = do_DELETE = do_GET
 
     def _send(self, status: int, content_type: str, body: bytes) -> None:
         self.send_response(status)
