@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -39,12 +40,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 @dataclass
 class Result:
     name: str
-    command: str
+    command: str  # the load tool's
     rps: float
     p50_ms: float | None = None
     p99_ms: float | None = None
     errors: str = ""
     cpu: float | None = None  # CPU seconds per wall second of the process under test
+    server: str = ""  # the command of the process under test
 
 
 # ---------------------------------------------------------------- processes
@@ -141,20 +143,20 @@ http {{
 """
 
 
-def start_upstream(procs: Processes, tmp: Path, port: int) -> tuple[str, subprocess.Popen]:
+def start_upstream(procs: Processes, tmp: Path, port: int) -> tuple[str, list[str]]:
     """nginx when installed (it never is the bottleneck), else the asyncio server below."""
     nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
     if nginx:
         d = tmp / "nginx"
         d.mkdir()
         (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, host=HOST, port=port))
-        proc = procs.start("upstream", [nginx, "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")])
+        argv = [nginx, "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")]
         kind = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip().replace("nginx version: ", "")
     else:
-        proc = procs.start("upstream", [sys.executable, __file__, "--serve-upstream", str(port)])
+        argv = [sys.executable, __file__, "--serve-upstream", str(port)]
         kind = "python asyncio server (nginx not installed)"
-    wait_http(f"http://{HOST}:{port}/", procs, proc)
-    return kind, proc
+    wait_http(f"http://{HOST}:{port}/", procs, procs.start("upstream", argv))
+    return kind, argv
 
 
 async def serve_upstream(port: int) -> None:
@@ -223,7 +225,7 @@ class Load:
         cpu0, t0 = (cpu_seconds(pid) if pid else 0.0), time.monotonic()
         out = self._run(argv, seconds)
         cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) if pid else None
-        shown = " ".join(argv).replace(headers[0], "Cookie: <session>") if headers else " ".join(argv)
+        shown = shlex.join(argv).replace(headers[0], "Cookie: <session>") if headers else shlex.join(argv)
         result = self._parse_wrk(out) if self.wrk else self._parse_h2load(out)
         result.name, result.command, result.cpu = name, shown, cpu
         return result
@@ -329,12 +331,23 @@ def report(results: dict[str, Result], info: dict[str, str]) -> None:
     print(f"| outpost / bare mitmdump | {ratio:.2f} | >= 0.90 {'✓' if ratio >= 0.9 else '✗'} |")
     print(f"| bare mitmdump / direct | {bare.rps / direct.rps:.4f} | – |")
     print(f"| outpost / direct | {outpost.rps / direct.rps:.4f} | – |")
-    print("\nCommands:\n")
+    print("\nCommands (ports are picked per run):\n")
     for r in results.values():
-        print(f"- {r.name}: `{r.command}`")
+        print(f"- {r.name}: `{r.command}`\n  against `{r.server}`")
 
 
 # ---------------------------------------------------------------- main
+
+
+def profile(args: argparse.Namespace, procs: Processes, pid: int) -> subprocess.Popen:
+    """py-spy samples the outpost for the warm-up and the measurement, without pausing it
+    (--nonblocking), so it costs the outpost little; its numbers are still a bit lower."""
+    spy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
+    if not spy:
+        sys.exit("--profile needs py-spy: .venv/bin/pip install py-spy")
+    fmt = {".svg": "flamegraph", ".txt": "raw"}.get(Path(args.profile).suffix, "speedscope")
+    return procs.start("py-spy", [spy, "record", "--pid", str(pid), "--nonblocking", "--rate", "250", "--duration",
+                                  str(args.warmup + args.duration), "--format", fmt, "-o", str(Path(args.profile).resolve())])
 
 
 def main() -> None:
@@ -344,6 +357,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="seconds of discarded load before each measurement")
     parser.add_argument("--connections", type=int, default=16, help="open connections (default 16, as in spec §7)")
     parser.add_argument("--threads", type=int, default=1, help="load tool threads (default 1)")
+    parser.add_argument("--profile", metavar="FILE", help="record the outpost under load with py-spy (.venv/bin/pip "
+                        "install py-spy) into FILE: .svg flame graph, .txt collapsed stacks, else speedscope JSON")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
@@ -354,16 +369,17 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the children
 
     load = Load(args.connections, args.threads)
+    loadavg = "%.2f %.2f %.2f" % os.getloadavg()  # other work on the machine skews every number
     with tempfile.TemporaryDirectory(prefix="outpost-bench-") as tmpdir:
         tmp = Path(tmpdir)
         procs = Processes(tmp)
         try:
-            run(args, load, procs, tmp)
+            run(args, load, procs, tmp, loadavg)
         finally:
             procs.stop_all()
 
 
-def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path) -> None:
+def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loadavg: str) -> None:
     up_port, bare_port, outpost_port, idp_port = (free_port() for _ in range(4))
     mitmdump = str(VENV_BIN / "mitmdump")
     confdir = f"confdir={tmp / 'mitm'}"  # a private CA and default cert: nothing lands in ~/.mitmproxy
@@ -374,14 +390,16 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path) -> No
         r = results[key] = load.run(label, url, args.duration, headers or [], args.warmup, pid)
         print(f"  {r.rps:,.0f} req/s, p99 {fmt(r.p99_ms, '.2f', ' ms')}{', ' + r.errors if r.errors else ''}", flush=True)
 
-    upstream_kind, _ = start_upstream(procs, tmp, up_port)
+    upstream_kind, upstream_argv = start_upstream(procs, tmp, up_port)
     upstream = f"http://{HOST}:{up_port}"
     measure("direct", "direct (upstream)", upstream + "/bench")
+    results["direct"].server = shlex.join(upstream_argv)
 
     argv = [mitmdump, "-q", "--set", confdir, "--listen-host", HOST, "--mode", f"reverse:{upstream}@{bare_port}"]
     bare = procs.start("bare-mitmdump", argv)
     wait_http(f"http://{HOST}:{bare_port}/", procs, bare)
     measure("bare", "bare mitmdump", f"http://{HOST}:{bare_port}/bench", pid=bare.pid)
+    results["bare"].server = shlex.join(argv)
     procs.stop(bare)  # alone on the CPU, like the others
 
     idp = procs.start("idp", [str(VENV_BIN / "oidc-provider-mock"), "--port", str(idp_port),
@@ -398,13 +416,19 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path) -> No
     cookie = log_in(origin)
     check_proxied(origin + "/bench", cookie)
     print(f"signed in as {USER}: session cookie {cookie.split('=')[0]}, upstream answers 'hello {USER}'", flush=True)
+    spy = profile(args, procs, outpost.pid) if args.profile else None
     measure("outpost", "outpost (signed in)", origin + "/bench", [f"Cookie: {cookie}"], pid=outpost.pid)
+    if spy:
+        spy.wait(30)
+        print(f"profile of the outpost under load: {args.profile}", flush=True)
     check_proxied(origin + "/bench", cookie)  # still signed in: no number came from login redirects
+    results["outpost"].server = shlex.join(argv)
 
     import mitmproxy.version
 
     report(results, {
         "nproc": str(len(os.sched_getaffinity(0))),
+        "load average before the run": loadavg,
         "upstream": upstream_kind,
         "load tool": f"{load.version()}, {args.threads} thread(s), {args.connections} connections, "
                      f"{args.warmup} s warm-up + {args.duration} s per measurement",

@@ -28,6 +28,7 @@ class Registry:
     by_host: dict[str, Provider] = field(default_factory=dict)
     store: SessionStore = field(default_factory=MemoryStore)
     legacy_headers: bool = True
+    unverified_upstreams: frozenset[tuple[str, int]] = frozenset()
 
     def replace(self, outpost_name: str, providers: tuple[Provider, ...]) -> None:
         by_host: dict[str, Provider] = {}
@@ -39,6 +40,9 @@ class Registry:
                     )
                 by_host[key] = p
         self.outpost_name, self.providers, self.by_host = outpost_name, providers, by_host
+        self.unverified_upstreams = frozenset(
+            (p.upstream.host, p.upstream.port) for p in providers if p.upstream and not p.upstream.verify_tls
+        )
 
 
 def build_providers(path: str) -> tuple[str, tuple[Provider, ...]]:

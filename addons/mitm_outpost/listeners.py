@@ -62,14 +62,11 @@ class Listeners:
 
     def certificates(self) -> list[str]:
         """`certs` entries: each provider's own certificate for its host, then the fallback for all."""
-        entries = []
-        for p in self.registry.providers:
-            if p.certificate:
-                entries.append(f"{p.hostname}={p.certificate}")
+        own = [p for p in self.registry.providers if p.certificate]
+        without = sorted({p.hostname for p in self.registry.providers} - {p.hostname for p in own})
         confdir = Path(ctx.options.confdir).expanduser()
-        hostnames = sorted({p.hostname for p in self.registry.providers})
-        entries.append(f"*={write_self_signed(confdir / DEFAULT_CERT_FILE, hostnames)}")
-        return entries
+        # Later entries win in mitmproxy's cert store, so the fallback goes first.
+        return [f"*={write_self_signed(confdir / DEFAULT_CERT_FILE, without)}"] + [f"{p.hostname}={p.certificate}" for p in own]
 
 
 def write_self_signed(path: Path, hostnames: list[str]) -> Path:

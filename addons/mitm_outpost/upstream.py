@@ -7,7 +7,7 @@ identity headers computed at login plus the provider's static ones.
 
 import logging
 
-from mitmproxy import http, tls
+from mitmproxy import ctx, http, tls
 from OpenSSL import SSL
 
 from . import names
@@ -64,12 +64,12 @@ class Upstream:
                 response_headers.add("Set-Cookie", cookie)
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
-        """Per-provider `internal_host_ssl_validation` (mitmproxy's own switch is global)."""
+        """Per-provider `internal_host_ssl_validation` (mitmproxy's own switch is global).
+
+        Script addons run before mitmproxy's TlsConfig, so we let it build its usual context
+        first and then relax verification on that one connection."""
         address = tls_start.conn.address
-        if tls_start.ssl_conn is None or address is None:
+        if tls_start.ssl_conn is not None or address is None or (address[0], address[1]) not in self.registry.unverified_upstreams:
             return
-        for provider in self.registry.providers:
-            u = provider.upstream
-            if u is not None and not u.verify_tls and (u.host, u.port) == tuple(address[:2]):
-                tls_start.ssl_conn.set_verify(SSL.VERIFY_NONE)
-                return
+        ctx.master.addons.get("tlsconfig").tls_start_server(tls_start)
+        tls_start.ssl_conn.set_verify(SSL.VERIFY_NONE)  # type: ignore[union-attr]
