@@ -73,9 +73,13 @@ class Configuration:
                 name, providers = build_providers(path)
                 self.registry.replace(name, providers)
             except config.ConfigError as e:
-                # A startup error exits mitmdump (errorcheck); on a reload the old set keeps serving.
-                logger.error("configuration error: %s", e)
-                raise exceptions.OptionsError(str(e)) from None
+                if not self.registry.providers:
+                    # At startup, an error-level log line makes mitmproxy exit with status 1
+                    # (its errorcheck addon) before anything is served; raising would add a traceback.
+                    logger.error("configuration error: %s", e)
+                    return
+                # Later (`set outpost_config=...`), refusing the change keeps the old set serving.
+                raise exceptions.OptionsError(f"configuration error: {e}") from None
             logger.info(
                 "outpost %r serving %s", name,
                 ", ".join(f"{p.name} ({p.mode.value}) at {p.external_origin}" for p in providers),
