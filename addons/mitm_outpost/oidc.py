@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-JWKS_REFRESH_MIN_INTERVAL = 5.0  # seconds between fetches triggered by an unknown `kid`
+JWKS_REFRESH_MIN_INTERVAL = 1.0  # seconds between two fetches of the issuer's keys
 HTTP_TIMEOUT = 10.0
 CLOCK_SKEW = 30  # seconds of leeway on exp/iat/nbf
 
@@ -61,7 +61,8 @@ class JWKSCache:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
-            if kid not in self.keys and time.monotonic() - self.fetched_at >= JWKS_REFRESH_MIN_INTERVAL:
+            if kid not in self.keys:
+                await asyncio.sleep(max(0.0, self.fetched_at + JWKS_REFRESH_MIN_INTERVAL - time.monotonic()))
                 async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, verify=self.verify_tls) as client:
                     response = await client.get(self.uri)
                     response.raise_for_status()

@@ -1,0 +1,28 @@
+"""Unit-test helpers: providers built from config entries without any network (explicit endpoints)."""
+
+from typing import Any
+
+import pytest
+
+from mitm_outpost import config, provider
+from mitm_outpost.configuration import Registry
+from mitm_outpost.oidc import IdentityProvider
+
+
+def make_provider(**fields: Any) -> provider.Provider:
+    entry = {
+        "name": "app", "external_host": "https://app.example.test", "internal_host": "http://10.0.0.5:8080",
+        "client_id": "app-client", "client_secret": "s3cret", "issuer": "https://idp.example.test",
+        "authorization_endpoint": "https://idp.example.test/authorize", "token_endpoint": "https://idp.example.test/token",
+        "end_session_endpoint": "https://idp.example.test/logout", **fields,
+    }
+    settings = config.parse({"providers": [entry]}).providers[0]
+    idp = IdentityProvider.from_settings({**settings, "oidc_configuration": {"id_token_signing_alg_values_supported": ["HS256"]}})
+    return provider.build(settings, "test-outpost", idp)
+
+
+@pytest.fixture
+def registry() -> Registry:
+    reg = Registry()
+    reg.replace("test-outpost", (make_provider(skip_path_regex="^/public/\n\n"),))
+    return reg

@@ -1,0 +1,128 @@
+"""The addon chain driven through mitmproxy's own test helpers, without sockets."""
+
+import time
+
+import pytest
+from mitmproxy import http
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
+from mitmproxy.test import taddons, tflow, tutils
+
+from mitm_outpost import decision, names
+from mitm_outpost.access import Access
+from mitm_outpost.configuration import Registry
+from mitm_outpost.endpoints import Endpoints
+from mitm_outpost.identity import user_headers
+from mitm_outpost.routing import Routing
+from mitm_outpost.sanitize import Sanitize
+from mitm_outpost.session_check import SessionCheck
+from mitm_outpost.sessions import Session
+from mitm_outpost.upstream import Upstream
+
+
+def chain(registry: Registry) -> list:
+    return [Routing(registry), Sanitize(), Endpoints(registry), SessionCheck(registry), Access(), Upstream(registry)]
+
+
+def flow(path: str = "/", host: str = "app.example.test", headers: dict[str, str] | None = None) -> http.HTTPFlow:
+    f = tflow.tflow(req=tutils.treq(host="127.0.0.1", port=1, path=path.encode(), headers=()))
+    f.request.headers["Host"] = host
+    for name, value in (headers or {}).items():
+        f.request.headers.add(name, value)
+    return f
+
+
+async def run(registry: Registry, f: http.HTTPFlow) -> http.HTTPFlow:
+    with taddons.context(*chain(registry)) as tctx:
+        await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(f))
+    return f
+
+
+async def logged_in(registry: Registry) -> str:
+    p = registry.providers[0]
+    claims = {"sub": "u1", "preferred_username": "alice", "groups": ["a", "b"], "email": "a@x"}
+    session = Session(provider=p.name, sub="u1", headers=user_headers(claims, "tok", True), expires_at=time.time() + 60, claims=claims)
+    await registry.store.put("sid-1", session)
+    return f"{p.cookie_name}=sid-1"
+
+
+async def test_unknown_host_is_a_400_and_recorded(registry: Registry) -> None:
+    f = await run(registry, flow(host="other.test"))
+    assert f.response.status_code == 400
+    assert f.metadata["outpost"]["outcome"] == "denied" and "other.test" in f.comment
+    assert f.marked == decision.MARKS[decision.Outcome.DENIED]
+
+
+async def test_ping_answers_for_any_host(registry: Registry) -> None:
+    f = await run(registry, flow("/outpost.goauthentik.io/ping", host="nobody.test"))
+    assert f.response.status_code == 204
+
+
+async def test_browser_without_session_is_sent_to_start(registry: Registry) -> None:
+    f = await run(registry, flow("/a%2Fb?q=1", headers={"Accept": "text/html"}))
+    assert f.response.status_code == 302
+    assert f.response.headers["Location"] == (
+        "https://app.example.test/outpost.goauthentik.io/start?rd=https%3A%2F%2Fapp.example.test%2Fa%252Fb%3Fq%3D1"
+    )
+    assert f.metadata["outpost"] == {"provider": "app", "mode": "proxy", "session": "none", "outcome": "redirected",
+                                     "reason": "no session: sent to sign in, back to /a%2Fb?q=1"}
+
+
+async def test_skip_rule_lets_through_without_identity(registry: Registry) -> None:
+    f = await run(registry, flow("/public/x", headers={"X-authentik-username": "evil", "X_AUTHENTIK_GROUPS": "admins"}))
+    assert f.response is None
+    assert f.metadata["outpost"]["outcome"] == "skipped"
+    assert not [k for k in f.request.headers if k.lower().replace("_", "-").startswith("x-authentik")]
+    assert (f.request.host, f.request.port, f.request.headers["Host"]) == ("10.0.0.5", 8080, "10.0.0.5:8080")
+
+
+async def test_session_gets_identity_and_forwarding_headers(registry: Registry) -> None:
+    cookie = await logged_in(registry)
+    f = await run(registry, flow("/x", headers={"Cookie": f"a=1; {cookie}; b=2", "X-Forwarded-For": "6.6.6.6", "x-authentik-uid": "0"}))
+    assert f.response is None
+    headers = f.request.headers
+    assert headers["X-authentik-username"] == "alice" and headers["X-authentik-groups"] == "a|b"
+    assert headers.get_all("X-authentik-uid") == ["u1"]
+    assert headers["X-authentik-meta-provider"] == "app" and headers["X-Auth-Username"] == "alice"
+    assert headers["Cookie"] == "a=1; b=2"
+    assert headers["X-Forwarded-For"] == "127.0.0.1" and headers["X-Forwarded-Host"] == "app.example.test"
+    assert f.metadata["outpost"]["outcome"] == "allowed" and f.metadata["outpost"]["user"] == "alice"
+
+
+@pytest.mark.parametrize("headers", [{"X-Requested-With": "XMLHttpRequest"}, {"Accept": "application/json"}])
+async def test_api_clients_get_401(registry: Registry, headers: dict[str, str]) -> None:
+    f = await run(registry, flow("/x", headers=headers))
+    assert f.response.status_code == 401
+
+
+async def test_unknown_cookie_is_cleared(registry: Registry) -> None:
+    p = registry.providers[0]
+    f = await run(registry, flow("/x", headers={"Cookie": f"{p.cookie_name}=forged", "Accept": "text/html"}))
+    assert f.response.status_code == 302
+    assert any(c.startswith(f"{p.cookie_name}=; Max-Age=0") for c in f.response.headers.get_all("Set-Cookie"))
+    assert f.metadata["outpost"]["session"] == "unknown or expired cookie"
+
+
+async def test_start_binds_state_to_the_browser(registry: Registry) -> None:
+    f = await run(registry, flow("/outpost.goauthentik.io/start?rd=https%3A%2F%2Fevil.test%2F"))
+    location = f.response.headers["Location"]
+    assert location.startswith("https://idp.example.test/authorize?") and "code_challenge_method=S256" in location
+    p = registry.providers[0]
+    assert any(c.startswith(p.login_cookie_name + "=") for c in f.response.headers.get_all("Set-Cookie"))
+    assert "back to https://app.example.test/ (rd refused)" in f.comment
+
+
+async def test_sign_out_ends_all_sessions_of_the_user(registry: Registry) -> None:
+    cookie = await logged_in(registry)
+    p = registry.providers[0]
+    await registry.store.put("sid-2", await registry.store.get("sid-1"))  # a second browser
+    f = await run(registry, flow("/outpost.goauthentik.io/sign_out", headers={"Cookie": cookie}))
+    assert f.response.status_code == 302 and f.response.headers["Location"].startswith("https://idp.example.test/logout?")
+    assert await registry.store.get("sid-1") is None and await registry.store.get("sid-2") is None
+    assert any(c.startswith(f"{p.cookie_name}=; Max-Age=0") for c in f.response.headers.get_all("Set-Cookie"))
+
+
+def test_identity_header_names_have_one_source() -> None:
+    assert len(names.IDENTITY_HEADERS) == 12
+    produced = {name for name, _ in user_headers({"sub": "x"}, "", True)}
+    assert produced | {n for n in names.IDENTITY_HEADERS if "meta" in n} == set(names.IDENTITY_HEADERS) | set(names.LEGACY_HEADERS)
+    assert all(value == value.strip() and "\n" not in value for _, value in user_headers({"sub": "a\r\nX: y"}, "", False))

@@ -1,0 +1,41 @@
+import time
+
+from mitm_outpost.sessions import MemoryStore, PendingLogin, Session, storage_key
+
+
+def session(provider: str = "p", sub: str = "u", ttl: float = 60, sid: str = "") -> Session:
+    return Session(provider=provider, sub=sub, headers=(), expires_at=time.time() + ttl, idp_sid=sid)
+
+
+async def test_sessions_expire_on_their_own() -> None:
+    store = MemoryStore()
+    await store.put("a", session(ttl=-1))
+    await store.put("b", session())
+    assert await store.get("a") is None and await store.get("b") is not None
+    assert store.count() == 1
+
+
+async def test_store_keys_are_hashes_not_cookie_values() -> None:
+    store = MemoryStore()
+    await store.put("cookie-value", session())
+    assert "cookie-value" not in store._sessions and storage_key("cookie-value") in store._sessions
+
+
+async def test_delete_user_and_idp_session() -> None:
+    store = MemoryStore()
+    await store.put("1", session(sub="alice", sid="s1"))
+    await store.put("2", session(sub="alice", sid="s2"))
+    await store.put("3", session(provider="other", sub="alice"))
+    await store.put("4", session(sub="bob", sid="s1"))
+    assert await store.delete_user("p", "alice") == 2
+    assert await store.get("3") is not None
+    assert await store.delete_idp_session("s1") == 1 and await store.get("4") is None
+    assert await store.delete_idp_session("") == 0
+
+
+async def test_pending_logins_are_used_once() -> None:
+    store = MemoryStore()
+    login = PendingLogin("p", "binding", "nonce", "verifier", "https://a/")
+    await store.put_login("state", login)
+    assert await store.take_login("state") == login
+    assert await store.take_login("state") is None
