@@ -10,7 +10,7 @@ import urllib.parse
 from mitmproxy import http
 
 from . import names, pages
-from .decision import Outcome, decide, exchange_of
+from .decision import Outcome, decide, undecided
 from .names import Mode
 
 logger = logging.getLogger("mitm_outpost")
@@ -26,8 +26,8 @@ def wants_login_page(request: http.Request) -> bool:
 
 class Access:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = exchange_of(flow)
-        if flow.response or exchange is None or exchange.provider is None or exchange.session is not None:
+        exchange = undecided(flow)
+        if exchange is None or exchange.session is not None:
             return
         provider = exchange.provider
         if provider.mode is not Mode.PROXY:

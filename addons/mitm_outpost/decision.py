@@ -65,6 +65,14 @@ def exchange_of(flow: http.HTTPFlow) -> Exchange | None:
     return _exchanges.get(flow)
 
 
+def undecided(flow: http.HTTPFlow) -> Exchange | None:
+    """The exchange of a request that has a provider and no answer yet: what each addon works on."""
+    exchange = _exchanges.get(flow)
+    if flow.response is not None or exchange is None or exchange.provider is None:
+        return None
+    return exchange
+
+
 def note(flow: http.HTTPFlow, **fields: str) -> None:
     """Add facts (provider, mode, user, session, ...) to the record without deciding."""
     flow.metadata.setdefault(METADATA_KEY, {}).update(fields)

@@ -17,7 +17,7 @@ from mitmproxy import http
 
 from . import names, pages
 from .configuration import Registry
-from .decision import Exchange, Outcome, decide, exchange_of, note
+from .decision import Exchange, Outcome, decide, note, undecided
 from .identity import kept_claims, user_headers
 from .oidc import TokenError
 from .provider import Provider
@@ -48,8 +48,8 @@ class Endpoints:
         self.registry = registry
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = exchange_of(flow)
-        if flow.response or exchange is None or exchange.provider is None:
+        exchange = undecided(flow)
+        if exchange is None:
             return
         endpoint = ENDPOINT_PATHS.get(exchange.path)
         if endpoint is None:

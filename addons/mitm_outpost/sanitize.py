@@ -8,7 +8,7 @@ exchange for the session check). This runs before any decision, so it holds on e
 from mitmproxy import http
 
 from . import names
-from .decision import exchange_of, note
+from .decision import note, undecided
 
 _PROTECTED = frozenset(k.encode() for k in names.PROTECTED_HEADER_KEYS)
 _PREFIX = names.PROTECTED_HEADER_PREFIX.encode()
@@ -22,8 +22,8 @@ def is_protected(name: bytes) -> bool:
 
 class Sanitize:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = exchange_of(flow)
-        if flow.response or exchange is None or exchange.provider is None:
+        exchange = undecided(flow)
+        if exchange is None:
             return
         headers = flow.request.headers
         kept = []

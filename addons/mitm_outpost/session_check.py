@@ -5,7 +5,7 @@ import logging
 from mitmproxy import http
 
 from .configuration import Registry
-from .decision import Exchange, exchange_of, note
+from .decision import Exchange, note, undecided
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -31,8 +31,8 @@ class SessionCheck:
         self.registry = registry
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = exchange_of(flow)
-        if flow.response or exchange is None or exchange.provider is None:
+        exchange = undecided(flow)
+        if exchange is None:
             return
         had_cookie = bool(exchange.session_cookie)
         await load_session(self.registry, exchange)

@@ -12,7 +12,7 @@ from OpenSSL import SSL
 
 from . import names
 from .configuration import Registry
-from .decision import Outcome, decide, exchange_of
+from .decision import Outcome, decide, exchange_of, undecided
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -24,8 +24,8 @@ class Upstream:
         self.registry = registry
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = exchange_of(flow)
-        if flow.response or exchange is None or exchange.provider is None:
+        exchange = undecided(flow)
+        if exchange is None:
             return
         upstream = exchange.provider.upstream
         if upstream is None:  # pragma: no cover - proxy mode always has one (config check)
