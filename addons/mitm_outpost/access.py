@@ -11,6 +11,7 @@ from mitmproxy import http
 
 from . import names, pages
 from .decision import Outcome, decide, undecided
+from .forwarded import normalise_path
 from .names import Mode
 
 logger = logging.getLogger("mitm_outpost")
@@ -33,7 +34,8 @@ class Access:
         if provider.mode is not Mode.PROXY:
             flow.response = pages.page(404, "Not found", "This host is protected in forward-auth mode; only the outpost endpoints answer here.")
             decide(flow, Outcome.DENIED, "not an outpost endpoint (forward-auth provider)")
-        elif provider.is_skipped(exchange.path):
+        elif provider.is_skipped(normalise_path(exchange.path) or ""):
+            exchange.skipped = True
             decide(flow, Outcome.SKIPPED, "path matches an unauthenticated-path rule; no identity sent")
             return
         elif "Authorization" in flow.request.headers and provider.intercept_header_auth:

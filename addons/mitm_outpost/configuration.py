@@ -1,14 +1,18 @@
 """The Configuration addon: owns `mitm_config.yaml` and the live provider set."""
 
+import ipaddress
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from . import config, provider
+from .names import Mode
 from .provider import Provider
 from .sessions import MemoryStore, SessionStore
 
@@ -29,6 +33,23 @@ class Registry:
     store: SessionStore = field(default_factory=MemoryStore)
     legacy_headers: bool = True
     unverified_upstreams: frozenset[tuple[str, int]] = frozenset()
+    domain_providers: tuple[Provider, ...] = ()  # forward_domain, longest cookie domain first
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def provider_for(self, host: str, hostname: str) -> Provider | None:
+        """The provider serving this host: its external host exactly, else a domain-level
+        provider whose cookie domain contains the hostname on a dot boundary."""
+        exact = self.by_host.get(host.lower())
+        if exact is not None or not hostname:
+            return exact
+        hostname = hostname.lower().rstrip(".")
+        for p in self.domain_providers:
+            if hostname == p.cookie_domain or hostname.endswith("." + p.cookie_domain):
+                return p
+        return None
+
+    def is_trusted(self, peer: str) -> bool:
+        return _in_networks(peer, self.trusted_networks)
 
     def replace(self, outpost_name: str, providers: tuple[Provider, ...]) -> None:
         by_host: dict[str, Provider] = {}
@@ -40,9 +61,30 @@ class Registry:
                     )
                 by_host[key] = p
         self.outpost_name, self.providers, self.by_host = outpost_name, providers, by_host
+        self.domain_providers = tuple(sorted(
+            (p for p in providers if p.mode is Mode.FORWARD_DOMAIN), key=lambda p: len(p.cookie_domain), reverse=True
+        ))
         self.unverified_upstreams = frozenset(
             (p.upstream.host, p.upstream.port) for p in providers if p.upstream and not p.upstream.verify_tls
         )
+
+
+@lru_cache(maxsize=4096)
+def _in_networks(peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def parse_networks(values: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(v, strict=False) for v in values)
+    except ValueError as e:
+        raise exceptions.OptionsError(f"trusted_proxies: {e}") from None
 
 
 def build_providers(path: str) -> tuple[str, tuple[Provider, ...]]:
@@ -60,11 +102,18 @@ class Configuration:
             "Path of the outpost's provider configuration (YAML). Env OUTPOST_CONFIG sets the default.",
         )
         loader.add_option(
+            "trusted_proxies", Sequence[str], ["127.0.0.0/8", "::1/128"],
+            "Networks (CIDR) of the reverse proxies whose X-Forwarded-*/X-Original-* headers the outpost believes; "
+            "forward-auth checks from anywhere else get 403.",
+        )
+        loader.add_option(
             "outpost_legacy_headers", bool, True,
             "Also send the pre-2022 identity header names (X-Auth-Username, X-Forwarded-Email, ...).",
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "trusted_proxies" in updated:
+            self.registry.trusted_networks = parse_networks(ctx.options.trusted_proxies)
         if "outpost_legacy_headers" in updated:
             self.registry.legacy_headers = ctx.options.outpost_legacy_headers
         if "outpost_config" in updated:

@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from mitmproxy import http
 
+from .forwarded import OriginalRequest, ProxyKind
 from .provider import Provider
 from .sessions import Session
 
@@ -50,6 +51,8 @@ class Exchange:
     session: Session | None = None
     set_cookies: list[str] = field(default_factory=list)
     proxied: bool = False  # sent upstream (not answered by the outpost)
+    skipped: bool = False  # an unauthenticated-path rule matched
+    forward: tuple[ProxyKind, OriginalRequest] | None = None  # a forward-auth check, and what it asks about
 
 
 _exchanges: "weakref.WeakKeyDictionary[http.HTTPFlow, Exchange]" = weakref.WeakKeyDictionary()

@@ -19,16 +19,18 @@ from . import names, pages
 from .configuration import Registry
 from .decision import Exchange, Outcome, decide, note, undecided
 from .identity import kept_claims, user_headers
+from .forwarded import ProxyKind
+from .names import Mode
 from .oidc import TokenError
 from .provider import Provider
 from .session_check import load_session
 from .sessions import LOGIN_TTL, PendingLogin, Session, new_id
-from .urls import safe_redirect
 
 logger = logging.getLogger("mitm_outpost")
 
 ENDPOINT_PATHS = {prefix + name: name for prefix in names.ENDPOINT_PREFIXES for name in names.ENDPOINTS - {names.PING}}
 LOGIN_COOKIE_LENGTH = 43  # secrets.token_urlsafe(32)
+EMPTY_IDENTITY = {name: "" for name in (*names.IDENTITY_HEADERS, *names.LEGACY_HEADERS)}
 
 
 class LoginFailed(str):
@@ -51,18 +53,60 @@ class Endpoints:
         exchange = undecided(flow)
         if exchange is None:
             return
-        endpoint = ENDPOINT_PATHS.get(exchange.path)
-        if endpoint is None:
-            return
-        note(flow, endpoint=endpoint)
-        handler = {names.START: self.start, names.CALLBACK: self.callback, names.SIGN_OUT: self.sign_out}[endpoint]
-        await handler(flow, exchange, exchange.provider)
+        if exchange.forward is not None:
+            await self.forward_auth(flow, exchange, exchange.provider)
+        else:
+            endpoint = ENDPOINT_PATHS.get(exchange.path)
+            if endpoint is None:
+                return
+            note(flow, endpoint=endpoint)
+            handler = {names.START: self.start, names.CALLBACK: self.callback, names.SIGN_OUT: self.sign_out}[endpoint]
+            await handler(flow, exchange, exchange.provider)
         for cookie in exchange.set_cookies:
             flow.response.headers.add("Set-Cookie", cookie)  # type: ignore[union-attr]
 
+    async def forward_auth(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
+        """Answer a reverse proxy's question. Only a session or a matching rule gives a 2xx;
+        every failure, expected or not, is a 401/403 (the CVE-2026-25748 class is fail-open)."""
+        try:
+            await self._forward_auth(flow, exchange, provider)
+        except Exception:
+            logger.exception("provider %s: forward-auth decision failed; denying", provider.name)
+            exchange.set_cookies.clear()
+            flow.response = pages.empty(403)
+            decide(flow, Outcome.DENIED, "the decision failed (see the log); denied")
+
+    async def _forward_auth(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
+        assert exchange.forward is not None
+        kind, original = exchange.forward
+        await load_session(self.registry, exchange)
+        session = exchange.session
+        if session is not None:
+            flow.response = pages.empty(200)
+            flow.response.headers.update(session.headers)
+            flow.response.headers.update(provider.static_headers)
+            note(flow, session="valid", user=session.username, uid=session.sub)
+            decide(flow, Outcome.ALLOWED, f"{kind.value} check: session of {session.username}")
+            return
+        target = original.origin_url if provider.mode is Mode.FORWARD_DOMAIN else (original.path or "")
+        if provider.is_skipped(target):
+            # Every identity header present and empty, so no proxy can pass on the client's own copy.
+            flow.response = pages.empty(200)
+            flow.response.headers.update(EMPTY_IDENTITY)
+            decide(flow, Outcome.SKIPPED, f"{kind.value} check: {target} matches an unauthenticated-path rule")
+            return
+        redirect = provider.safe_redirect(original.url) if original.url else None
+        if kind is ProxyKind.NGINX or redirect is None:
+            flow.response = pages.page(401, "Unauthenticated", "unauthorized request")
+            why = "no session" if redirect or kind is ProxyKind.NGINX else "no session, and the original URL is unknown or not this provider's"
+            decide(flow, Outcome.DENIED, f"{kind.value} check: {why}")
+            return
+        flow.response = await self.begin_login(exchange, provider, redirect)
+        decide(flow, Outcome.REDIRECTED, f"{kind.value} check: no session: sent to the identity provider, back to {redirect}")
+
     async def start(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
         rd = _query(exchange).get("rd", "")
-        redirect = safe_redirect(rd, provider.external_origin) if rd else None
+        redirect = provider.safe_redirect(rd) if rd else None
         if rd and redirect is None:
             logger.warning("provider %s: refused rd=%r (not on %s)", provider.name, rd[:200], provider.external_origin)
         redirect = redirect or provider.external_origin + "/"

@@ -15,7 +15,7 @@ from . import names
 from .config import ConfigError
 from .names import Mode
 from .oidc import DiscoveryError, IdentityProvider
-from .urls import host_keys, origin, parse_origin_url
+from .urls import host_keys, origin, parse_origin_url, safe_redirect
 
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False
@@ -37,6 +37,7 @@ class Provider:
     external_origin: str  # scheme://host[:port], as the browser sees it
     hostname: str
     port: int
+    cookie_domain: str  # lower-case, no leading dot; "" unless set
     host_keys: tuple[str, ...]
     upstream: Upstream | None
     client_id: str
@@ -60,8 +61,16 @@ class Provider:
     def clear_cookie(self, name: str) -> str:
         return f"{name}=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:01 GMT; {self.cookie_attributes}"
 
-    def is_skipped(self, path: str) -> bool:
-        return self.skip_rules is not None and self.skip_rules.search(path) is not None
+    def is_skipped(self, target: str) -> bool:
+        """Does an unauthenticated-path rule match? `target` is the normalised path (proxy and
+        single application) or scheme://host/path (domain level); never the query string."""
+        return bool(target) and self.skip_rules is not None and self.skip_rules.search(target) is not None
+
+    def safe_redirect(self, rd: str) -> str | None:
+        """Where a browser may be sent after login: this provider's origin, or for domain level
+        any host inside the cookie domain (on a dot boundary) with the external host's scheme."""
+        domain = self.cookie_domain if self.mode is Mode.FORWARD_DOMAIN else ""
+        return safe_redirect(rd, self.external_origin, domain)
 
 
 def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | None = None) -> Provider:
@@ -106,6 +115,7 @@ def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | N
         external_origin=external_origin,
         hostname=external.hostname,
         port=int(external.port or (443 if secure else 80)),
+        cookie_domain=settings["cookie_domain"].lower().lstrip("."),
         host_keys=host_keys(external),
         upstream=upstream,
         client_id=client_id,

@@ -1,12 +1,24 @@
-"""The Routing addon: which provider answers this request (by Host), and the health endpoint."""
+"""The Routing addon: which provider answers this request, and the health endpoint.
+
+Normal requests are routed by `Host`. A forward-auth check is routed by the original
+request its reverse proxy describes, and only a trusted proxy may describe one. The
+outpost's own endpoints, reached through a trusted proxy that rewrites `Host` (nginx's
+`$host` drops the port), may also be routed by X-Forwarded-Host or X-Original-URL.
+"""
+
+import logging
 
 from mitmproxy import http
 
 from . import names, pages
 from .configuration import Registry
 from .decision import Outcome, begin, decide, note
+from .forwarded import auth_kind, original_request, parse_original_url
+
+logger = logging.getLogger("mitm_outpost")
 
 PING_PATHS = frozenset(prefix + names.PING for prefix in names.ENDPOINT_PREFIXES)
+OWN_PATHS = frozenset(prefix + name for prefix in names.ENDPOINT_PREFIXES for name in names.ENDPOINTS)
 
 
 class Routing:
@@ -22,14 +34,34 @@ class Routing:
             flow.response = pages.empty(204)
             decide(flow, Outcome.ENDPOINT, "ping")
             return
-        host = flow.request.host_header or ""
-        provider = self.registry.by_host.get(host.lower())
+        peer = flow.client_conn.peername[0]
+        kind = auth_kind(path, query)
+        if kind is not None:
+            if not self.registry.is_trusted(peer):
+                flow.response = pages.page(403, "Forbidden", "Forward-auth checks are answered for trusted proxies only.")
+                decide(flow, Outcome.DENIED, f"forward-auth check from untrusted peer {peer}", logging.WARNING)
+                return
+            original = original_request(kind, flow.request, path, query)
+            exchange.forward = (kind, original)
+            host = original.host
+            provider = self.registry.provider_for(original.host, original.hostname)
+            note(flow, check=kind.value, original_url=original.url or "(not sent)")
+        else:
+            host = flow.request.host_header or ""
+            provider = self.registry.by_host.get(host.lower())
+            if provider is None and path in OWN_PATHS and self.registry.is_trusted(peer):
+                host = flow.request.headers.get("X-Forwarded-Host") or parse_original_url(flow.request.headers.get("X-Original-URL", "")).host or host
+                provider = self.registry.provider_for(host, host.rsplit(":", 1)[0])
         if provider is None:
             flow.response = pages.json_error(
                 400, "no app for hostname", host=host,
                 detail=f"Check the outpost settings and make sure '{host}' is included.",
             )
             decide(flow, Outcome.DENIED, f"no provider serves host {host!r}")
+            return
+        if kind is not None and provider.mode is names.Mode.PROXY:
+            flow.response = pages.page(404, "Not found", "This provider is in proxy mode; it answers no forward-auth checks.")
+            decide(flow, Outcome.DENIED, "forward-auth check for a proxy-mode provider")
             return
         exchange.provider = provider
         # Until Upstream re-targets it, the flow shows (in mitmweb, logs) the address the client used.

@@ -10,9 +10,9 @@ import logging
 from mitmproxy import ctx, http, tls
 from OpenSSL import SSL
 
-from . import names
+from . import names, pages
 from .configuration import Registry
-from .decision import Outcome, decide, exchange_of, undecided
+from .decision import Outcome, decide, exchange_of
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -24,11 +24,15 @@ class Upstream:
         self.registry = registry
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = undecided(flow)
-        if exchange is None:
+        if flow.response is not None:
             return
-        upstream = exchange.provider.upstream
-        if upstream is None:  # pragma: no cover - proxy mode always has one (config check)
+        exchange = exchange_of(flow)
+        # The last gate: nothing leaves without a session or a matching rule, even if an
+        # earlier addon failed with an exception (mitmproxy logs it and goes on).
+        upstream = exchange.provider.upstream if exchange and exchange.provider else None
+        if exchange is None or upstream is None or not (exchange.session or exchange.skipped):
+            flow.response = pages.page(403, "Forbidden", "The outpost reached no decision about this request.")
+            decide(flow, Outcome.DENIED, "no decision was reached (an earlier step failed); refused", logging.ERROR)
             return
         request = flow.request
         original_host = request.host_header or ""

@@ -36,11 +36,12 @@ def has_control_chars(value: str) -> bool:
     return any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
 
 
-def safe_redirect(rd: str, external_origin: str) -> str | None:
+def safe_redirect(rd: str, external_origin: str, domain: str = "") -> str | None:
     """The absolute URL to send the browser to after login, or None when `rd` is not ours.
 
     Relative values are resolved against the provider's origin; the result must have
-    exactly that scheme and host:port and no credentials. Control characters, backslashes and a
+    exactly that scheme and host:port (or, with `domain`, that scheme and a hostname equal
+    to the domain or ending in `.domain`) and no credentials. Control characters, backslashes and a
     leading `//` are refused outright, raw or percent-decoded once: browsers and servers
     strip or reinterpret them.
     """
@@ -53,6 +54,13 @@ def safe_redirect(rd: str, external_origin: str) -> str | None:
         url = ada_url.URL(rd, base=external_origin + "/")
     except ValueError:
         return None
-    if origin(url) != external_origin or url.username or url.password:
+    if url.username or url.password:
+        return None
+    if domain:
+        hostname = url.hostname.lower()
+        inside = hostname == domain or hostname.endswith("." + domain)
+        if not inside or url.protocol != external_origin.split("//", 1)[0]:
+            return None
+    elif origin(url) != external_origin:
         return None
     return url.href
