@@ -126,3 +126,84 @@ def test_identity_header_names_have_one_source() -> None:
     produced = {name for name, _ in user_headers({"sub": "x"}, "", True)}
     assert produced | {n for n in names.IDENTITY_HEADERS if "meta" in n} == set(names.IDENTITY_HEADERS) | set(names.LEGACY_HEADERS)
     assert all(value == value.strip() and "\n" not in value for _, value in user_headers({"sub": "a\r\nX: y"}, "", False))
+
+
+@pytest.fixture
+def forward_registry() -> Registry:
+    from mitm_outpost.configuration import parse_networks
+    from tests.unit.conftest import make_provider
+
+    reg = Registry()
+    reg.replace("test-outpost", (
+        make_provider(name="single", mode="forward_single", external_host="https://app.example.test", internal_host="", client_id="s"),
+        make_provider(name="domain", mode="forward_domain", external_host="https://auth.corp.test", internal_host="",
+                      cookie_domain="corp.test", client_id="d", skip_path_regex="^https://health\\.corp\\.test/ping$"),
+    ))
+    reg.trusted_networks = parse_networks(["127.0.0.0/8"])
+    return reg
+
+
+def traefik_check(host: str, uri: str, **headers: str) -> http.HTTPFlow:
+    return flow("/outpost.goauthentik.io/auth/traefik", host="outpost:9000", headers={
+        "X-Forwarded-Proto": "https", "X-Forwarded-Host": host, "X-Forwarded-Uri": uri, **headers})
+
+
+async def test_forward_auth_from_untrusted_peer_is_403(forward_registry: Registry) -> None:
+    f = traefik_check("app.example.test", "/")
+    f.client_conn.peername = ("203.0.113.9", 5000)
+    await run(forward_registry, f)
+    assert f.response.status_code == 403 and "untrusted peer 203.0.113.9" in f.comment
+
+
+@pytest.mark.parametrize("host, provider", [
+    ("app.example.test", "single"), ("corp.test", "domain"), ("a.corp.test", "domain"), ("x.y.corp.test", "domain"),
+    ("evilcorp.test", None), ("corp.test.evil.test", None),
+])
+async def test_domain_level_routing_needs_a_dot_boundary(forward_registry: Registry, host: str, provider: str | None) -> None:
+    f = await run(forward_registry, traefik_check(host, "/x"))
+    if provider is None:
+        assert f.response.status_code == 400
+    else:
+        assert f.metadata["outpost"]["provider"] == provider and f.response.status_code == 302
+
+
+async def test_forward_auth_answers(forward_registry: Registry) -> None:
+    session_cookie = None
+    p = forward_registry.providers[1]
+    claims = {"sub": "u1", "preferred_username": "alice"}
+    await forward_registry.store.put("sid", Session(provider="domain", sub="u1", headers=user_headers(claims, "", True), expires_at=time.time() + 60, claims=claims))
+    session_cookie = f"{p.cookie_name}=sid"
+
+    ok = await run(forward_registry, traefik_check("a.corp.test", "/x", Cookie=session_cookie))
+    assert ok.response.status_code == 200 and ok.response.content == b""
+    assert ok.response.headers["X-authentik-username"] == "alice" and ok.response.headers["X-authentik-meta-provider"] == "domain"
+
+    skipped = await run(forward_registry, traefik_check("health.corp.test", "/ping", **{"X-authentik-username": "evil"}))
+    assert skipped.response.status_code == 200 and skipped.response.headers["X-authentik-username"] == ""
+    tricked = await run(forward_registry, traefik_check("private.corp.test", "/x?https://health.corp.test/ping"))
+    assert tricked.response.status_code == 302
+
+    login = await run(forward_registry, traefik_check("a.corp.test", "/page?q=1"))
+    assert login.response.status_code == 302 and login.response.headers["Location"].startswith("https://idp.example.test/authorize?")
+    assert any("Domain=corp.test" in c for c in login.response.headers.get_all("Set-Cookie"))
+
+    nginx = flow("/outpost.goauthentik.io/auth/nginx", host="a.corp.test", headers={"X-Original-URL": "https://a.corp.test/x"})
+    assert (await run(forward_registry, nginx)).response.status_code == 401
+
+
+async def test_forward_auth_failure_is_never_2xx(forward_registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def broken(*args: object) -> None:
+        raise RuntimeError("store down")
+
+    monkeypatch.setattr(forward_registry.store, "get", broken)
+    f = await run(forward_registry, traefik_check("a.corp.test", "/x", Cookie=f"{forward_registry.providers[1].cookie_name}=sid"))
+    assert f.response.status_code == 403 and f.metadata["outpost"]["outcome"] == "denied"
+
+
+async def test_an_addon_failure_never_lets_a_request_through(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: object, flow: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(Access, "requestheaders", broken)
+    f = await run(registry, flow("/private", headers={"Accept": "text/html"}))
+    assert f.response.status_code == 403 and "no decision" in f.comment
