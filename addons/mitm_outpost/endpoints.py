@@ -45,6 +45,14 @@ def _query(exchange: Exchange) -> dict[str, str]:
     return dict(urllib.parse.parse_qsl(exchange.query, keep_blank_values=True))
 
 
+def _rd(query: str) -> str:
+    """`rd` from /start's query. nginx's documented sign-in location appends the original URL
+    unencoded (`?rd=http://app/page?a=1&b=2`), so a raw URL there is taken whole."""
+    if query.startswith(("rd=http://", "rd=https://", "rd=/")):
+        return query[3:]
+    return dict(urllib.parse.parse_qsl(query, keep_blank_values=True)).get("rd", "")
+
+
 class Endpoints:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -105,7 +113,7 @@ class Endpoints:
         decide(flow, Outcome.REDIRECTED, f"{kind.value} check: no session: sent to the identity provider, back to {redirect}")
 
     async def start(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
-        rd = _query(exchange).get("rd", "")
+        rd = _rd(exchange.query)
         redirect = provider.safe_redirect(rd) if rd else None
         if rd and redirect is None:
             logger.warning("provider %s: refused rd=%r (not on %s)", provider.name, rd[:200], provider.external_origin)

@@ -179,3 +179,10 @@ def test_outpost_down_means_denied(setup: Setup) -> None:
         assert "alice" not in response.text
     finally:
         setup.outpost.start()
+
+
+def test_login_keeps_the_whole_query(setup: Setup) -> None:
+    """Notably through nginx, whose sign-in location appends the original URL to ?rd= unencoded."""
+    client = browser()
+    final = login(client, setup, setup.url(setup.app, "/headers?a=1&b=2"))
+    assert final.url == httpx2.URL(setup.url(setup.app, "/headers?a=1&b=2"))
