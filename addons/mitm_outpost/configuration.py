@@ -34,6 +34,7 @@ class Registry:
     legacy_headers: bool = True
     unverified_upstreams: frozenset[tuple[str, int]] = frozenset()
     domain_providers: tuple[Provider, ...] = ()  # forward_domain, longest cookie domain first
+    by_hostname: dict[str, Provider] = field(default_factory=dict)  # hostnames only one provider has
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def provider_for(self, host: str, hostname: str) -> Provider | None:
@@ -46,7 +47,8 @@ class Registry:
         for p in self.domain_providers:
             if hostname == p.cookie_domain or hostname.endswith("." + p.cookie_domain):
                 return p
-        return None
+        # nginx's `$host` drops the port; a trusted proxy may name a provider by hostname alone.
+        return self.by_hostname.get(hostname) if host.lower() == hostname else None
 
     def is_trusted(self, peer: str) -> bool:
         return _in_networks(peer, self.trusted_networks)
@@ -61,6 +63,8 @@ class Registry:
                     )
                 by_host[key] = p
         self.outpost_name, self.providers, self.by_host = outpost_name, providers, by_host
+        hostnames = [p.hostname for p in providers]
+        self.by_hostname = {p.hostname: p for p in providers if hostnames.count(p.hostname) == 1}
         self.domain_providers = tuple(sorted(
             (p for p in providers if p.mode is Mode.FORWARD_DOMAIN), key=lambda p: len(p.cookie_domain), reverse=True
         ))

@@ -133,10 +133,11 @@ class Endpoints:
             {"iss": f"goauthentik.io/outpost/{provider.client_id}", "state": state_id, "iat": now, "exp": now + LOGIN_TTL},
             provider.state_key, algorithm="HS256",
         )
-        login = provider.idp.login_request(provider.redirect_uri, provider.scope, state)
+        redirect_uri = provider.legacy_redirect_uri if exchange.path.startswith(names.LEGACY_PREFIX) else provider.redirect_uri
+        login = provider.idp.login_request(redirect_uri, provider.scope, state)
         await self.registry.store.put_login(
             state_id,
-            PendingLogin(provider.name, _binding(binding_cookie), login.nonce, login.code_verifier, redirect),
+            PendingLogin(provider.name, _binding(binding_cookie), login.nonce, login.code_verifier, redirect, redirect_uri),
         )
         return pages.redirect(login.url)
 
@@ -177,7 +178,7 @@ class Endpoints:
         if not exchange.login_cookie or not hmac.compare_digest(_binding(exchange.login_cookie), login.browser_binding):
             return LoginFailed("the login was started in another browser")
         try:
-            token = await provider.idp.exchange_code(code, login.code_verifier, provider.redirect_uri)
+            token = await provider.idp.exchange_code(code, login.code_verifier, login.redirect_uri)
             id_token = token.get("id_token")
             if not isinstance(id_token, str):
                 raise TokenError("the token response has no id_token")

@@ -17,10 +17,12 @@ class Mode(StrEnum):
 
 
 # The outpost's own paths. The legacy prefix is the one of authentik < 2022.2 (seed 002).
-ENDPOINT_PREFIXES = ("/outpost.goauthentik.io/", "/akprox/")
+ENDPOINT_PREFIXES = ("/outpost.goauthentik.io/", "/akprox/")  # keep in step with LEGACY_PREFIX
 PING, START, CALLBACK, SIGN_OUT = "ping", "start", "callback", "sign_out"
 ENDPOINTS = frozenset({PING, START, CALLBACK, SIGN_OUT})
 CALLBACK_PATH = "/outpost.goauthentik.io/callback"
+LEGACY_PREFIX = "/akprox/"
+LEGACY_CALLBACK_PATH = "/akprox/callback"
 CALLBACK_QUERY = "X-authentik-auth-callback=true"
 START_PATH = "/outpost.goauthentik.io/start"
 

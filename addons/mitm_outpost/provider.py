@@ -47,6 +47,7 @@ class Provider:
     session_lifetime: int
     scope: str
     redirect_uri: str
+    legacy_redirect_uri: str  # for logins started under /akprox/ (configs written for authentik < 2022.2)
     intercept_header_auth: bool
     skip_rules: Any  # a compiled RE2 program, or None
     static_headers: tuple[tuple[str, str], ...]
@@ -125,6 +126,7 @@ def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | N
         session_lifetime=int(settings["access_token_validity"]),
         scope=" ".join(settings["scopes_to_request"]),
         redirect_uri=f"{external_origin}{names.CALLBACK_PATH}?{names.CALLBACK_QUERY}",
+        legacy_redirect_uri=f"{external_origin}{names.LEGACY_CALLBACK_PATH}?{names.CALLBACK_QUERY}",
         intercept_header_auth=settings["intercept_header_auth"],
         skip_rules=compile_skip_rules(settings["skip_path_regex"], label),
         static_headers=static,

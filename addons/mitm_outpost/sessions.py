@@ -50,6 +50,7 @@ class PendingLogin:
     nonce: str
     code_verifier: str
     redirect: str
+    redirect_uri: str  # the callback URL the IdP was given (the token request repeats it)
 
 
 class SessionStore(Protocol):

@@ -237,6 +237,8 @@ def test_legacy_prefix_endpoints(outpost: Outpost) -> None:
     assert httpx2.get(f"{outpost.url}/akprox/ping").status_code == 204
     start = browser().get(f"{outpost.url}/akprox/start?rd=/x")
     assert start.status_code == 302 and "/authorize" in start.headers["location"]
+    # A login started under the old prefix comes back under it (configs of that era route only /akprox).
+    assert "redirect_uri=" + urllib.parse.quote(f"{outpost.url}/akprox/callback", safe="") in start.headers["location"]
 
 
 def test_flows_record_their_decision(outpost: Outpost) -> None:

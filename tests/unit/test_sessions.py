@@ -35,7 +35,7 @@ async def test_delete_user_and_idp_session() -> None:
 
 async def test_pending_logins_are_used_once() -> None:
     store = MemoryStore()
-    login = PendingLogin("p", "binding", "nonce", "verifier", "https://a/")
+    login = PendingLogin("p", "binding", "nonce", "verifier", "https://a/", "https://a/outpost.goauthentik.io/callback")
     await store.put_login("state", login)
     assert await store.take_login("state") == login
     assert await store.take_login("state") is None
