@@ -186,3 +186,14 @@ def test_login_keeps_the_whole_query(setup: Setup) -> None:
     client = browser()
     final = login(client, setup, setup.url(setup.app, "/headers?a=1&b=2"))
     assert final.url == httpx2.URL(setup.url(setup.app, "/headers?a=1&b=2"))
+
+
+def test_forward_auth_only_answers_trusted_proxies(idp: str) -> None:
+    port = free_port()
+    entry = {"name": "t", "mode": "forward_single", "external_host": "http://app.example.test", "client_id": "t",
+             "client_secret": "t", "issuer": idp}
+    with Outpost([entry], port, extra=["--set", "trusted_proxies=10.9.0.0/16"]) as outpost:
+        headers = {"X-Forwarded-Proto": "http", "X-Forwarded-Host": "app.example.test", "X-Forwarded-Uri": "/"}
+        response = httpx2.get(f"{outpost.url}/outpost.goauthentik.io/auth/traefik", headers=headers)
+        assert response.status_code == 403
+        assert "untrusted peer 127.0.0.1" in outpost.output
