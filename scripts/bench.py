@@ -1,8 +1,8 @@
 """Benchmark the outpost against its two ceilings in one run (run it through `scripts/bench`).
 
 Every number here comes from the same upstream, the same load tool and the same options,
-measured one after the other, because figures from different runs, machines or tools do not
-compare (see the spec's runnable-peers §7: stock mitmdump is CPU-bound at a few hundred req/s
+measured one after the other in rounds (medians are reported), because figures from different
+runs, machines or tools do not compare (see the spec's runnable-peers §7: stock mitmdump is CPU-bound at a few hundred req/s
 on a 2-core VM, so only the ratio to bare mitmdump says what our addons cost):
 
   direct   load tool -> upstream                        (the machine's ceiling)
@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,9 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx2
+import mitmproxy.version
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -57,12 +61,13 @@ class Processes:
     children (nginx workers); `stop_all` runs in a `finally`, so nothing outlives the bench."""
 
     def __init__(self, logdir: Path) -> None:
-        self.logdir, self.procs = logdir, []
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen] = []
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(self.logdir / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=ROOT, start_new_session=True)
+        with open(self.logdir / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=ROOT, start_new_session=True)
         proc.name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
@@ -93,8 +98,6 @@ class Processes:
 
 def free_port() -> int:
     """A port the kernel picks at random from the free ephemeral range."""
-    import socket
-
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
@@ -102,8 +105,6 @@ def free_port() -> int:
 
 def wait_http(url: str, procs: Processes, proc: subprocess.Popen, expect: int = 200, timeout: float = 30) -> None:
     """Poll until `url` answers `expect`; fail early, with its log, if the process died."""
-    import httpx2
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -199,9 +200,10 @@ def parse_ms(text: str) -> float:
 class Load:
     """wrk (p50/p99 from --latency) or, failing that, h2load in HTTP/1.1 mode (mean only)."""
 
-    def __init__(self, connections: int, threads: int) -> None:
+    def __init__(self, connections: int, threads: int, tool: str = "auto") -> None:
         self.connections, self.threads = connections, threads
-        self.wrk, self.h2load = shutil.which("wrk"), shutil.which("h2load")
+        self.wrk = shutil.which("wrk") if tool in ("auto", "wrk") else None
+        self.h2load = shutil.which("h2load") if tool in ("auto", "h2load") else None
         if not (self.wrk or self.h2load):
             sys.exit("no load tool: install wrk (apt-get install wrk) or h2load (apt-get install nghttp2-client)")
 
@@ -248,10 +250,8 @@ class Load:
     @staticmethod
     def _parse_h2load(out: str) -> Result:
         rps = float(re.search(r"finished in .*?, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
-        failed = re.search(r"requests: .*?(\d+) failed, (\d+) errored", out)
-        codes = re.search(r"status codes: (.*)", out)
-        errors = f"{failed.group(1)} failed, {failed.group(2)} errored; {codes.group(1) if codes else ''}" if failed else ""
-        return Result("", "", rps, None, None, errors)
+        counts = re.findall(r"(\d+) (failed|errored|timeout|3xx|4xx|5xx)\b", out)  # h2load counts 3xx too
+        return Result("", "", rps, None, None, ", ".join(f"{n} {what}" for n, what in counts if int(n)))
 
 
 # ---------------------------------------------------------------- outpost and login
@@ -277,8 +277,6 @@ def log_in(origin: str) -> str:
     protected URL -> 302 /outpost.goauthentik.io/start -> 302 IdP authorize -> POST sub=alice
     -> 302 our callback -> 302 back to the protected URL.
     """
-    import httpx2
-
     def follow(response: httpx2.Response, expect: str) -> str:
         location = urllib.parse.urljoin(str(response.url), response.headers.get("location", ""))
         if response.status_code != 302 or expect not in location:
@@ -300,8 +298,6 @@ def log_in(origin: str) -> str:
 
 def check_proxied(url: str, cookie: str) -> None:
     """One request with only the session cookie must reach the upstream as alice (not a 302)."""
-    import httpx2
-
     r = httpx2.get(url, headers={"Cookie": cookie}, timeout=10)
     if r.status_code != 200 or r.text.strip() != f"hello {USER}":
         sys.exit(f"session check: {url} answered {r.status_code} {r.headers.get('location', '')} {r.text[:200]!r}, "
@@ -315,22 +311,30 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
-def report(results: dict[str, Result], info: dict[str, str]) -> None:
+def median(results: list[Result]) -> Result:
+    return sorted(results, key=lambda r: r.rps)[(len(results) - 1) // 2]
+
+
+def report(rounds: dict[str, list[Result]], info: dict[str, str]) -> None:
+    """Each setup's median round; the ratios of medians, and per round when there are several."""
+    results = {key: median(rs) for key, rs in rounds.items()}
     direct, bare, outpost = results["direct"], results["bare"], results["outpost"]
     print("\n## mitm-outpost benchmark\n")
     for key, value in info.items():
         print(f"- {key}: {value}")
-    print("\n| setup | req/s | p50 | p99 | proxy CPU (s/s) | errors |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("\n| setup | req/s | p50 | p99 | proxy CPU (s/s) | proxy CPU per request | errors |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for r in results.values():
+        cpu_ms = 1000 * r.cpu / r.rps if r.cpu else None
         print(f"| {r.name} | {r.rps:,.0f} | {fmt(r.p50_ms, '.2f', ' ms')} | {fmt(r.p99_ms, '.2f', ' ms')} "
-              f"| {fmt(r.cpu, '.2f')} | {r.errors or 'none'} |")
+              f"| {fmt(r.cpu, '.2f')} | {fmt(cpu_ms, '.2f', ' ms')} | {r.errors or 'none'} |")
     ratio = outpost.rps / bare.rps
-    print("\n| ratio | value | target |")
-    print("|---|---:|---|")
-    print(f"| outpost / bare mitmdump | {ratio:.2f} | >= 0.90 {'✓' if ratio >= 0.9 else '✗'} |")
-    print(f"| bare mitmdump / direct | {bare.rps / direct.rps:.4f} | – |")
-    print(f"| outpost / direct | {outpost.rps / direct.rps:.4f} | – |")
+    per_round = ", ".join(f"{o.rps / b.rps:.2f}" for o, b in zip(rounds["outpost"], rounds["bare"]))
+    print("\n| ratio (req/s) | value | per round | target |")
+    print("|---|---:|---|---|")
+    print(f"| outpost / bare mitmdump | {ratio:.2f} | {per_round} | >= 0.90 {'✓' if ratio >= 0.9 else '✗'} |")
+    print(f"| bare mitmdump / direct | {bare.rps / direct.rps:.4f} | | – |")
+    print(f"| outpost / direct | {outpost.rps / direct.rps:.4f} | | – |")
     print("\nCommands (ports are picked per run):\n")
     for r in results.values():
         print(f"- {r.name}: `{r.command}`\n  against `{r.server}`")
@@ -340,8 +344,8 @@ def report(results: dict[str, Result], info: dict[str, str]) -> None:
 
 
 def profile(args: argparse.Namespace, procs: Processes, pid: int) -> subprocess.Popen:
-    """py-spy samples the outpost for the warm-up and the measurement, without pausing it
-    (--nonblocking), so it costs the outpost little; its numbers are still a bit lower."""
+    """py-spy samples the outpost for one warm-up and measurement, without pausing it
+    (--nonblocking), so it costs the outpost little; that round's numbers are still a bit lower."""
     spy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
     if not spy:
         sys.exit("--profile needs py-spy: .venv/bin/pip install py-spy")
@@ -355,10 +359,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 s per measurement, 1 s warm-up (whole run < 1 min)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per measurement (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of discarded load before each measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three measurements; medians are "
+                        "reported, since a neighbour's burst of CPU can halve one measurement (default 3)")
     parser.add_argument("--connections", type=int, default=16, help="open connections (default 16, as in spec §7)")
     parser.add_argument("--threads", type=int, default=1, help="load tool threads (default 1)")
-    parser.add_argument("--profile", metavar="FILE", help="record the outpost under load with py-spy (.venv/bin/pip "
-                        "install py-spy) into FILE: .svg flame graph, .txt collapsed stacks, else speedscope JSON")
+    parser.add_argument("--load-tool", choices=["auto", "wrk", "h2load"], default="auto", help="default: wrk if installed")
+    parser.add_argument("--profile", metavar="FILE", help="record the outpost under load (first round) with py-spy "
+                        "(.venv/bin/pip install py-spy) into FILE: .svg flame graph, .txt collapsed stacks, else speedscope JSON")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
@@ -368,7 +375,7 @@ def main() -> None:
         args.duration, args.warmup = 3, 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the children
 
-    load = Load(args.connections, args.threads)
+    load = Load(args.connections, args.threads, args.load_tool)
     loadavg = "%.2f %.2f %.2f" % os.getloadavg()  # other work on the machine skews every number
     with tempfile.TemporaryDirectory(prefix="outpost-bench-") as tmpdir:
         tmp = Path(tmpdir)
@@ -379,59 +386,68 @@ def main() -> None:
             procs.stop_all()
 
 
+@dataclass
+class Setup:
+    label: str
+    url: str
+    server: list[str]  # the command of the process under test
+    pid: int | None = None  # whose CPU time is measured (the proxies)
+    headers: tuple[str, ...] = ()
+
+
 def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loadavg: str) -> None:
+    """Start all servers, sign in, then measure direct, bare, outpost in turn, `--rounds` times.
+    The servers not under load sit idle in epoll, so they cost the measured one nothing."""
     up_port, bare_port, outpost_port, idp_port = (free_port() for _ in range(4))
     mitmdump = str(VENV_BIN / "mitmdump")
     confdir = f"confdir={tmp / 'mitm'}"  # a private CA and default cert: nothing lands in ~/.mitmproxy
-    results: dict[str, Result] = {}
-
-    def measure(key: str, label: str, url: str, headers: list[str] | None = None, pid: int | None = None) -> None:
-        print(f"measuring {label}: {url} ({args.warmup} s warm-up + {args.duration} s)", flush=True)
-        r = results[key] = load.run(label, url, args.duration, headers or [], args.warmup, pid)
-        print(f"  {r.rps:,.0f} req/s, p99 {fmt(r.p99_ms, '.2f', ' ms')}{', ' + r.errors if r.errors else ''}", flush=True)
 
     upstream_kind, upstream_argv = start_upstream(procs, tmp, up_port)
     upstream = f"http://{HOST}:{up_port}"
-    measure("direct", "direct (upstream)", upstream + "/bench")
-    results["direct"].server = shlex.join(upstream_argv)
 
-    argv = [mitmdump, "-q", "--set", confdir, "--listen-host", HOST, "--mode", f"reverse:{upstream}@{bare_port}"]
-    bare = procs.start("bare-mitmdump", argv)
+    bare_argv = [mitmdump, "-q", "--set", confdir, "--listen-host", HOST, "--mode", f"reverse:{upstream}@{bare_port}"]
+    bare = procs.start("bare-mitmdump", bare_argv)
     wait_http(f"http://{HOST}:{bare_port}/", procs, bare)
-    measure("bare", "bare mitmdump", f"http://{HOST}:{bare_port}/bench", pid=bare.pid)
-    results["bare"].server = shlex.join(argv)
-    procs.stop(bare)  # alone on the CPU, like the others
 
     idp = procs.start("idp", [str(VENV_BIN / "oidc-provider-mock"), "--port", str(idp_port),
                               "--user-claims-file", "scripts/demo/users.yaml"])
     wait_http(f"http://{HOST}:{idp_port}/.well-known/openid-configuration", procs, idp)
     config = tmp / "outpost.yaml"
     config.write_text(OUTPOST_CONFIG.format(host=HOST, port=outpost_port, upstream=up_port, idp=idp_port))
-    argv = [mitmdump, "-q", "-s", "addons/outpost.py", "--set", confdir, "--set", f"outpost_config={config}",
-            "--set", f"outpost_http_port={outpost_port}", "--set", "outpost_https_port=0",
-            "--set", f"outpost_listen_host={HOST}", "--set", "listen_port=0"]
-    outpost = procs.start("outpost", argv)
+    outpost_argv = [mitmdump, "-q", "-s", "addons/outpost.py", "--set", confdir, "--set", f"outpost_config={config}",
+                    "--set", f"outpost_http_port={outpost_port}", "--set", "outpost_https_port=0",
+                    "--set", f"outpost_listen_host={HOST}", "--set", "listen_port=0"]
+    outpost = procs.start("outpost", outpost_argv)
     origin = f"http://{HOST}:{outpost_port}"
     wait_http(origin + "/outpost.goauthentik.io/ping", procs, outpost, expect=204)
     cookie = log_in(origin)
     check_proxied(origin + "/bench", cookie)
     print(f"signed in as {USER}: session cookie {cookie.split('=')[0]}, upstream answers 'hello {USER}'", flush=True)
-    spy = profile(args, procs, outpost.pid) if args.profile else None
-    measure("outpost", "outpost (signed in)", origin + "/bench", [f"Cookie: {cookie}"], pid=outpost.pid)
-    if spy:
-        spy.wait(30)
-        print(f"profile of the outpost under load: {args.profile}", flush=True)
+
+    setups = {
+        "direct": Setup("direct (upstream)", upstream + "/bench", upstream_argv),
+        "bare": Setup("bare mitmdump", f"http://{HOST}:{bare_port}/bench", bare_argv, bare.pid),
+        "outpost": Setup("outpost (signed in)", origin + "/bench", outpost_argv, outpost.pid, (f"Cookie: {cookie}",)),
+    }
+    rounds: dict[str, list[Result]] = {key: [] for key in setups}
+    for n in range(args.rounds):
+        for key, s in setups.items():
+            print(f"round {n + 1}/{args.rounds}, {s.label}: {s.url} ({args.warmup} s warm-up + {args.duration} s)", flush=True)
+            spy = profile(args, procs, s.pid) if args.profile and key == "outpost" and n == 0 else None  # type: ignore[arg-type]
+            r = load.run(s.label, s.url, args.duration, list(s.headers), args.warmup, s.pid)
+            r.server = shlex.join(s.server)
+            rounds[key].append(r)
+            print(f"  {r.rps:,.0f} req/s, p99 {fmt(r.p99_ms, '.2f', ' ms')}{', ' + r.errors if r.errors else ''}", flush=True)
+            if spy:
+                spy.wait(30)
+                print(f"  profile of the outpost under load: {args.profile}", flush=True)
     check_proxied(origin + "/bench", cookie)  # still signed in: no number came from login redirects
-    results["outpost"].server = shlex.join(argv)
-
-    import mitmproxy.version
-
-    report(results, {
+    report(rounds, {
         "nproc": str(len(os.sched_getaffinity(0))),
         "load average before the run": loadavg,
         "upstream": upstream_kind,
         "load tool": f"{load.version()}, {args.threads} thread(s), {args.connections} connections, "
-                     f"{args.warmup} s warm-up + {args.duration} s per measurement",
+                     f"{args.warmup} s warm-up + {args.duration} s per measurement, {args.rounds} round(s), median shown",
         "mitmproxy": f"{mitmproxy.version.VERSION}, Python {sys.version.split()[0]}",
     })
 
