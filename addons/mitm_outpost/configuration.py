@@ -111,6 +111,10 @@ class Configuration:
             "forward-auth checks from anywhere else get 403.",
         )
         loader.add_option(
+            "outpost_log_decisions", bool, False,
+            "Log one line per request with the decision (the flow comment shows it in mitmweb anyway).",
+        )
+        loader.add_option(
             "outpost_legacy_headers", bool, True,
             "Also send the pre-2022 identity header names (X-Auth-Username, X-Forwarded-Email, ...).",
         )
@@ -118,6 +122,8 @@ class Configuration:
     def configure(self, updated: set[str]) -> None:
         if "trusted_proxies" in updated:
             self.registry.trusted_networks = parse_networks(ctx.options.trusted_proxies)
+        if "outpost_log_decisions" in updated:
+            logger.setLevel(logging.DEBUG if ctx.options.outpost_log_decisions else logging.INFO)
         if "outpost_legacy_headers" in updated:
             self.registry.legacy_headers = ctx.options.outpost_legacy_headers
         if "outpost_config" in updated:

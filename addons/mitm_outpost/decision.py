@@ -18,6 +18,9 @@ from .provider import Provider
 from .sessions import Session
 
 logger = logging.getLogger("mitm_outpost")
+# mitmproxy sets the root logger to DEBUG and every record becomes an event for every addon,
+# so a line per request costs more than the decision itself: off unless outpost_log_decisions.
+logger.setLevel(logging.INFO)
 
 METADATA_KEY = "outpost"
 

@@ -91,8 +91,7 @@ class Endpoints:
         session = exchange.session
         if session is not None:
             flow.response = pages.empty(200)
-            flow.response.headers.update(session.headers)
-            flow.response.headers.update(provider.static_headers)
+            flow.response.headers.fields += session.headers + provider.static_headers
             note(flow, session="valid", user=session.username, uid=session.sub)
             decide(flow, Outcome.ALLOWED, f"{kind.value} check: session of {session.username}")
             return

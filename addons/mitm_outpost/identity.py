@@ -1,5 +1,6 @@
 """From verified claims to the headers the upstream receives. Computed once, at login."""
 
+from collections.abc import Iterable
 from typing import Any
 
 from . import names
@@ -18,7 +19,15 @@ def _claim(claims: dict[str, Any], key: str) -> str:
     return _joined(claims.get(key))
 
 
-def user_headers(claims: dict[str, Any], raw_token: str, legacy: bool) -> tuple[tuple[str, str], ...]:
+HeaderFields = tuple[tuple[bytes, bytes], ...]
+
+
+def as_fields(headers: "Iterable[tuple[str, str]]") -> HeaderFields:
+    """Header pairs in mitmproxy's wire form, so a request gets them in one tuple concatenation."""
+    return tuple((name.encode(), value.encode("utf-8", "surrogateescape")) for name, value in headers)
+
+
+def user_headers(claims: dict[str, Any], raw_token: str, legacy: bool) -> HeaderFields:
     """The per-user identity headers, every one present even when empty (so proxies overwrite)."""
     username = _claim(claims, "preferred_username") or _claim(claims, "sub")
     headers = [
@@ -32,7 +41,7 @@ def user_headers(claims: dict[str, Any], raw_token: str, legacy: bool) -> tuple[
     ]
     if legacy:
         headers += [(header, username if claim == "preferred_username" else _claim(claims, claim)) for header, claim in names.LEGACY_HEADERS.items()]
-    return tuple((name, _safe_value(value)) for name, value in headers)
+    return as_fields((name, _safe_value(value)) for name, value in headers)
 
 
 def _safe_value(value: str) -> str:

@@ -13,6 +13,7 @@ import re2
 
 from . import names
 from .config import ConfigError
+from .identity import as_fields
 from .names import Mode
 from .oidc import DiscoveryError, IdentityProvider
 from .urls import host_keys, origin, parse_origin_url, safe_redirect
@@ -50,7 +51,7 @@ class Provider:
     legacy_redirect_uri: str  # for logins started under /akprox/ (configs written for authentik < 2022.2)
     intercept_header_auth: bool
     skip_rules: Any  # a compiled RE2 program, or None
-    static_headers: tuple[tuple[str, str], ...]
+    static_headers: tuple[tuple[bytes, bytes], ...]  # the meta headers, in wire form
     state_key: bytes
     idp: IdentityProvider
     certificate: str
@@ -129,7 +130,7 @@ def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | N
         legacy_redirect_uri=f"{external_origin}{names.LEGACY_CALLBACK_PATH}?{names.CALLBACK_QUERY}",
         intercept_header_auth=settings["intercept_header_auth"],
         skip_rules=compile_skip_rules(settings["skip_path_regex"], label),
-        static_headers=static,
+        static_headers=as_fields(static),
         state_key=_state_key(settings),
         idp=idp,
         certificate=settings["certificate"],

@@ -30,7 +30,7 @@ class Session:
 
     provider: str
     sub: str
-    headers: tuple[tuple[str, str], ...]
+    headers: tuple[tuple[bytes, bytes], ...]  # identity headers, in wire form
     expires_at: float
     idp_sid: str = ""
     id_token: str = ""

@@ -38,17 +38,18 @@ class Upstream:
         original_host = request.host_header or ""
         request.scheme, request.host, request.port = upstream.scheme, upstream.host, upstream.port
         exchange.proxied = True
-        headers = request.headers
-        headers["Host"] = upstream.host_header
-        headers["X-Forwarded-Host"] = original_host
-        headers["X-Forwarded-Proto"] = "https" if flow.client_conn.tls_established else "http"
-        headers["X-Forwarded-For"] = flow.client_conn.peername[0]
+        # One rebuild of the header tuple: Sanitize already removed every name added here but Host.
+        fields = tuple(f for f in request.headers.fields if f[0].lower() != b"host") + (
+            (b"Host", upstream.host_header.encode()),
+            (b"X-Forwarded-Host", original_host.encode("utf-8", "surrogateescape")),
+            (b"X-Forwarded-Proto", b"https" if flow.client_conn.tls_established else b"http"),
+            (b"X-Forwarded-For", flow.client_conn.peername[0].encode()),
+        )
         session = exchange.session
         if session is not None:
-            for name, value in session.headers:
-                headers[name] = value
-            for name, value in exchange.provider.static_headers:
-                headers[name] = value
+            fields += session.headers + exchange.provider.static_headers
+        request.headers.fields = fields
+        if session is not None:
             decide(flow, Outcome.ALLOWED, f"session of {session.username}")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
