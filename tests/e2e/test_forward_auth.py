@@ -124,9 +124,11 @@ def test_spoofed_headers_do_not_reach_the_app(setup: Setup) -> None:
     client = browser()
     login(client, setup, setup.url(setup.app, "/headers"))
     spoofs = {"X-authentik-username": "evil", "X-authentik-groups": "admins", "X-Auth-Username": "evil",
-              "X-Forwarded-User": "evil", "X-authentik-meta-provider": "forged"}
+              "X-Forwarded-User": "evil", "X-authentik-meta-provider": "forged", "X_authentik_email": "evil@x",
+              "X-Forwarded-Host": "evil.example", "X-Original-URL": "http://evil.example/"}
     seen = received(client.get(setup.url(setup.app, "/headers"), headers=spoofs))
     assert seen["x-authentik-username"] == ["alice"] and seen["x-authentik-groups"] == ["admins|users"]
+    assert "evil.example" not in str(seen.get("x-forwarded-host")) and "x_authentik_email" not in seen
     assert seen["x-auth-username"] == ["alice"] and seen["x-forwarded-user"] == ["alice"]
     public = "b" if setup.mode == "domain" else setup.app
     anonymous = received(browser().get(setup.url(public, "/headers/public"), headers=spoofs))
