@@ -12,6 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mitm_outpost.access import Access  # noqa: E402
 from mitm_outpost.configuration import Configuration, Registry  # noqa: E402
 from mitm_outpost.endpoints import Endpoints  # noqa: E402
+from mitm_outpost.forward_auth import ForwardAuth  # noqa: E402
+from mitm_outpost.header_auth import HeaderAuth  # noqa: E402
 from mitm_outpost.listeners import Listeners  # noqa: E402
 from mitm_outpost.routing import Routing  # noqa: E402
 from mitm_outpost.sanitize import Sanitize  # noqa: E402
@@ -27,6 +29,8 @@ addons = [
     Sanitize(),  # 2. drop forged identity headers and outpost cookies
     Endpoints(registry),  # 3. start, callback, sign_out
     SessionCheck(registry),  # 4. cookie -> session
+    HeaderAuth(registry),  # 4b. or Authorization: Bearer/Basic -> session
+    ForwardAuth(registry),  # forward auth answers here (2xx, 401 or 302)
     Access(),  # 5-6. unauthenticated paths, login redirect or 401
     Upstream(registry),  # 7-8. backend, forwarding and identity headers
 ]

@@ -28,21 +28,24 @@ def wants_login_page(request: http.Request) -> bool:
 class Access:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         exchange = undecided(flow)
-        if exchange is None or exchange.session is not None:
+        if exchange is None:
             return
         provider = exchange.provider
         if provider.mode is not Mode.PROXY:
             flow.response = pages.page(404, "Not found", "This host is protected in forward-auth mode; only the outpost endpoints answer here.")
             decide(flow, Outcome.DENIED, "not an outpost endpoint (forward-auth provider)")
+        elif exchange.session is not None:
+            return
         elif provider.is_skipped(normalise_path(exchange.path) or ""):
             exchange.skipped = True
             decide(flow, Outcome.SKIPPED, "path matches an unauthenticated-path rule; no identity sent")
             return
-        elif "Authorization" in flow.request.headers and provider.intercept_header_auth:
+        elif exchange.header_auth_failed and provider.intercept_header_auth:
             flow.response = pages.page(
                 401, "Unauthenticated",
                 "The Authorization header did not authenticate, and 'Receive header authentication' is on, so no redirect is performed.",
             )
+            flow.response.headers["WWW-Authenticate"] = f'Bearer realm="{provider.name}", Basic realm="{provider.name}"'
             decide(flow, Outcome.DENIED, "Authorization header did not authenticate")
         elif not wants_login_page(flow.request):
             flow.response = pages.page(401, "Unauthenticated", "Sign in first; this request cannot follow a login redirect.")

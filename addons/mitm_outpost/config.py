@@ -46,6 +46,7 @@ PROVIDER_FIELDS: dict[str, Field] = {
     "basic_auth_user_attribute": Field(str, default=""),
     "basic_auth_password_attribute": Field(str, default=""),
     "intercept_header_auth": Field(bool, default=True),
+    "verify_bearer_jwt_locally": Field(bool, default=False),
     "access_token_validity": Field((int, float), default=86400),
     "scopes_to_request": Field(list, default=list(DEFAULT_SCOPES)),
     "issuer": Field(str, default=""),

@@ -32,7 +32,7 @@ class Registry:
     by_host: dict[str, Provider] = field(default_factory=dict)
     store: SessionStore = field(default_factory=MemoryStore)
     legacy_headers: bool = True
-    unverified_upstreams: frozenset[tuple[str, int]] = frozenset()
+    unverified_upstreams: set[tuple[str, int]] = field(default_factory=set)  # grows with ak_proxy backends
     domain_providers: tuple[Provider, ...] = ()  # forward_domain, longest cookie domain first
     by_hostname: dict[str, Provider] = field(default_factory=dict)  # hostnames only one provider has
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -68,7 +68,7 @@ class Registry:
         self.domain_providers = tuple(sorted(
             (p for p in providers if p.mode is Mode.FORWARD_DOMAIN), key=lambda p: len(p.cookie_domain), reverse=True
         ))
-        self.unverified_upstreams = frozenset(
+        self.unverified_upstreams = set(
             (p.upstream.host, p.upstream.port) for p in providers if p.upstream and not p.upstream.verify_tls
         )
 

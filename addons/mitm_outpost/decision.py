@@ -55,6 +55,7 @@ class Exchange:
     set_cookies: list[str] = field(default_factory=list)
     proxied: bool = False  # sent upstream (not answered by the outpost)
     skipped: bool = False  # an unauthenticated-path rule matched
+    header_auth_failed: bool = False  # an Authorization header was tried and did not authenticate
     forward: tuple[ProxyKind, OriginalRequest] | None = None  # a forward-auth check, and what it asks about
 
 

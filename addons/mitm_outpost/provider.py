@@ -50,11 +50,13 @@ class Provider:
     redirect_uri: str
     legacy_redirect_uri: str  # for logins started under /akprox/ (configs written for authentik < 2022.2)
     intercept_header_auth: bool
+    verify_bearer_jwt_locally: bool
     skip_rules: Any  # a compiled RE2 program, or None
     static_headers: tuple[tuple[bytes, bytes], ...]  # the meta headers, in wire form
     state_key: bytes
     idp: IdentityProvider
     certificate: str
+    basic_auth: tuple[str, str] | None  # (user attribute, password attribute) when Basic goes upstream
     settings: dict[str, Any]  # the validated config entry, for display
 
     def set_cookie(self, name: str, value: str, max_age: int) -> str:
@@ -129,11 +131,14 @@ def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | N
         redirect_uri=f"{external_origin}{names.CALLBACK_PATH}?{names.CALLBACK_QUERY}",
         legacy_redirect_uri=f"{external_origin}{names.LEGACY_CALLBACK_PATH}?{names.CALLBACK_QUERY}",
         intercept_header_auth=settings["intercept_header_auth"],
+        verify_bearer_jwt_locally=settings["verify_bearer_jwt_locally"],
         skip_rules=compile_skip_rules(settings["skip_path_regex"], label),
         static_headers=as_fields(static),
         state_key=_state_key(settings),
         idp=idp,
         certificate=settings["certificate"],
+        basic_auth=(settings["basic_auth_user_attribute"], settings["basic_auth_password_attribute"])
+        if settings["basic_auth_enabled"] else None,
         settings=settings,
     )
 

@@ -35,6 +35,11 @@ class Session:
     idp_sid: str = ""
     id_token: str = ""
     claims: dict[str, Any] = field(default_factory=dict)
+    # ak_proxy: (scheme, host, port, Host header) for this user; scheme "" = the provider's upstream
+    # with only the Host header changed. `backend_error` says why the claims cannot be honoured.
+    backend: tuple[str, str, int, str] | None = None
+    backend_error: str = ""
+    replaces: frozenset[bytes] = frozenset({b"host"})  # lower-case names of client headers ours replace
 
     @property
     def username(self) -> str:

@@ -17,6 +17,7 @@ from .decision import Outcome, decide, exchange_of
 logger = logging.getLogger("mitm_outpost")
 
 _COOKIE_PREFIX = names.COOKIE_PREFIX.lower()
+HOST_ONLY = frozenset({b"host"})
 
 
 class Upstream:
@@ -34,18 +35,31 @@ class Upstream:
             flow.response = pages.page(403, "Forbidden", "The outpost reached no decision about this request.")
             decide(flow, Outcome.DENIED, "no decision was reached (an earlier step failed); refused", logging.ERROR)
             return
+        session = exchange.session
+        scheme, host, port, host_header = upstream.scheme, upstream.host, upstream.port, upstream.host_header
+        if session is not None and (session.backend or session.backend_error):
+            if session.backend_error:
+                flow.response = pages.page(502, "Bad Gateway", "The backend chosen for this user is not valid.")
+                decide(flow, Outcome.DENIED, f"ak_proxy claims of {session.username}: {session.backend_error}", logging.WARNING)
+                return
+            assert session.backend is not None
+            if session.backend[0]:
+                scheme, host, port = session.backend[:3]
+                if not upstream.verify_tls:
+                    self.registry.unverified_upstreams.add((host, port))
+            host_header = session.backend[3] or host_header
         request = flow.request
         original_host = request.host_header or ""
-        request.scheme, request.host, request.port = upstream.scheme, upstream.host, upstream.port
+        request.scheme, request.host, request.port = scheme, host, port
         exchange.proxied = True
-        # One rebuild of the header tuple: Sanitize already removed every name added here but Host.
-        fields = tuple(f for f in request.headers.fields if f[0].lower() != b"host") + (
-            (b"Host", upstream.host_header.encode()),
+        # One rebuild of the header tuple: Sanitize already removed every identity name.
+        drop = session.replaces if session is not None else HOST_ONLY
+        fields = tuple(f for f in request.headers.fields if f[0].lower() not in drop) + (
+            (b"Host", host_header.encode()),
             (b"X-Forwarded-Host", original_host.encode("utf-8", "surrogateescape")),
             (b"X-Forwarded-Proto", b"https" if flow.client_conn.tls_established else b"http"),
             (b"X-Forwarded-For", flow.client_conn.peername[0].encode()),
         )
-        session = exchange.session
         if session is not None:
             fields += session.headers + exchange.provider.static_headers
         request.headers.fields = fields

@@ -11,6 +11,8 @@ from mitm_outpost import decision, names
 from mitm_outpost.access import Access
 from mitm_outpost.configuration import Registry
 from mitm_outpost.endpoints import Endpoints
+from mitm_outpost.forward_auth import ForwardAuth
+from mitm_outpost.header_auth import HeaderAuth
 from mitm_outpost.identity import user_headers
 from mitm_outpost.routing import Routing
 from mitm_outpost.sanitize import Sanitize
@@ -20,7 +22,8 @@ from mitm_outpost.upstream import Upstream
 
 
 def chain(registry: Registry) -> list:
-    return [Routing(registry), Sanitize(), Endpoints(registry), SessionCheck(registry), Access(), Upstream(registry)]
+    return [Routing(registry), Sanitize(), Endpoints(registry), SessionCheck(registry), HeaderAuth(registry),
+            ForwardAuth(registry), Access(), Upstream(registry)]
 
 
 def flow(path: str = "/", host: str = "app.example.test", headers: dict[str, str] | None = None) -> http.HTTPFlow:
@@ -192,11 +195,19 @@ async def test_forward_auth_answers(forward_registry: Registry) -> None:
 
 
 async def test_forward_auth_failure_is_never_2xx(forward_registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken(*args: object) -> None:
+    async def store_down(*args: object) -> None:
         raise RuntimeError("store down")
 
-    monkeypatch.setattr(forward_registry.store, "get", broken)
-    f = await run(forward_registry, traefik_check("a.corp.test", "/x", Cookie=f"{forward_registry.providers[1].cookie_name}=sid"))
+    cookie = f"{forward_registry.providers[1].cookie_name}=sid"
+    monkeypatch.setattr(forward_registry.store, "get", store_down)
+    f = await run(forward_registry, traefik_check("a.corp.test", "/x", Cookie=cookie))
+    assert f.response.status_code == 302 and f.metadata["outpost"]["outcome"] == "redirected"
+
+    def broken_rules(self: object, target: str) -> bool:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(type(forward_registry.providers[1]), "is_skipped", broken_rules)
+    f = await run(forward_registry, traefik_check("a.corp.test", "/x"))
     assert f.response.status_code == 403 and f.metadata["outpost"]["outcome"] == "denied"
 
 
