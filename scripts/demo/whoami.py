@@ -41,7 +41,8 @@ class WhoAmI(BaseHTTPRequestHandler):
                 self.wfile.write(block[: size - offset])
             return
         if self.path.startswith("/headers"):
-            body = json.dumps({"path": self.path, "headers": [[k, v] for k, v in self.headers.items()]}).encode()
+            body = json.dumps({"path": self.path, "port": self.server.server_address[1],
+                               "headers": [[k, v] for k, v in self.headers.items()]}).encode()
             self._send(200, "application/json", body)
             return
         user = self.headers.get(names.USERNAME)
