@@ -45,7 +45,7 @@ class Access:
                 401, "Unauthenticated",
                 "The Authorization header did not authenticate, and 'Receive header authentication' is on, so no redirect is performed.",
             )
-            flow.response.headers["WWW-Authenticate"] = f'Bearer realm="{provider.name}", Basic realm="{provider.name}"'
+            flow.response.headers["WWW-Authenticate"] = provider.www_authenticate
             decide(flow, Outcome.DENIED, "Authorization header did not authenticate")
         elif not wants_login_page(flow.request):
             flow.response = pages.page(401, "Unauthenticated", "Sign in first; this request cannot follow a login redirect.")

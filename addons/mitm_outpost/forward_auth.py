@@ -59,6 +59,11 @@ class ForwardAuth:
             flow.response.headers.fields += EMPTY_IDENTITY
             decide(flow, Outcome.SKIPPED, f"{kind.value} check: {target} matches an unauthenticated-path rule")
             return
+        if exchange.header_auth_failed and provider.intercept_header_auth:
+            flow.response = pages.page(401, "Unauthenticated", "The Authorization header did not authenticate.")
+            flow.response.headers["WWW-Authenticate"] = provider.www_authenticate
+            decide(flow, Outcome.DENIED, f"{kind.value} check: Authorization header did not authenticate")
+            return
         redirect = provider.safe_redirect(original.url) if original.url else None
         if kind is ProxyKind.NGINX or redirect is None:
             flow.response = pages.page(401, "Unauthenticated", "unauthorized request")

@@ -59,6 +59,10 @@ class Provider:
     basic_auth: tuple[str, str] | None  # (user attribute, password attribute) when Basic goes upstream
     settings: dict[str, Any]  # the validated config entry, for display
 
+    @property
+    def www_authenticate(self) -> str:
+        return f'Bearer realm="{self.name}", Basic realm="{self.name}"'
+
     def set_cookie(self, name: str, value: str, max_age: int) -> str:
         return f"{name}={value}; Max-Age={max_age}; {self.cookie_attributes}"
 

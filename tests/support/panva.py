@@ -224,3 +224,25 @@ def login(http_client: httpx.Client, authorize_url: str, account: str, max_hops:
         else:
             method = "GET"
     raise RuntimeError(f"too many redirects within the OP starting at {authorize_url}")
+
+
+def code_flow_tokens(op: PanvaOP, client_id: str, client_secret: str, redirect_uri: str, account: str,
+                     scope: str = "openid profile email groups") -> dict[str, Any]:
+    """Tokens for `account` issued to `client_id` by a full authorization-code flow (PKCE S256)."""
+    from urllib.parse import parse_qs, urlencode
+
+    from authlib.common.security import generate_token
+    from authlib.oauth2.rfc7636 import create_s256_code_challenge
+
+    meta = httpx.get(f"{op.issuer}/.well-known/openid-configuration").json()
+    verifier = generate_token(48)
+    params = {"client_id": client_id, "response_type": "code", "redirect_uri": redirect_uri, "scope": scope,
+              "state": generate_token(16), "nonce": generate_token(16),
+              "code_challenge": create_s256_code_challenge(verifier), "code_challenge_method": "S256"}
+    with httpx.Client(follow_redirects=False) as browser:
+        final = login(browser, f"{meta['authorization_endpoint']}?{urlencode(params)}", account)
+    code = parse_qs(urlsplit(final).query)["code"][0]
+    response = httpx.post(meta["token_endpoint"], auth=(client_id, client_secret), data={
+        "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": verifier})
+    response.raise_for_status()
+    return dict(response.json())
