@@ -10,6 +10,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mitm_outpost.access import Access  # noqa: E402
+from mitm_outpost.authentik import AuthentikSource  # noqa: E402
 from mitm_outpost.configuration import Configuration, Registry  # noqa: E402
 from mitm_outpost.endpoints import Endpoints  # noqa: E402
 from mitm_outpost.forward_auth import ForwardAuth  # noqa: E402
@@ -24,6 +25,7 @@ registry = Registry()
 
 addons = [
     Configuration(registry),  # mitm_config.yaml -> providers
+    AuthentikSource(registry),  # or/and providers from the authentik API (AUTHENTIK_HOST, AUTHENTIK_TOKEN)
     Listeners(registry),  # ports 9000/9443, certificates
     Routing(registry),  # 1. provider by Host; ping
     Sanitize(),  # 2. drop forged identity headers and outpost cookies

@@ -53,15 +53,29 @@ class Registry:
     def is_trusted(self, peer: str) -> bool:
         return _in_networks(peer, self.trusted_networks)
 
-    def replace(self, outpost_name: str, providers: tuple[Provider, ...]) -> None:
+    sources: dict[str, tuple[Provider, ...]] = field(default_factory=dict)  # "file", "authentik"
+    ready: bool = True  # false while providers are still awaited from authentik (readiness)
+
+    def replace(self, outpost_name: str, providers: tuple[Provider, ...], source: str = "file") -> None:
+        """Swap one source's providers (between requests: every field is rebuilt, then assigned).
+
+        Raises ConfigError when two providers would serve one external host or share a name."""
+        sources = {**self.sources, source: providers}
+        combined = tuple(p for ps in sources.values() for p in ps)
         by_host: dict[str, Provider] = {}
-        for p in providers:
+        names_seen: dict[str, str] = {}
+        for p in combined:
+            if p.name in names_seen and names_seen[p.name] != source:
+                raise config.ConfigError(f"provider '{p.name}': field 'name': a provider from another source has this name")
+            names_seen[p.name] = source
             for key in p.host_keys:
                 if key in by_host:
                     raise config.ConfigError(
                         f"provider '{p.name}': field 'external_host': provider '{by_host[key].name}' already serves {key}"
                     )
                 by_host[key] = p
+        providers = combined
+        self.sources = sources
         self.outpost_name, self.providers, self.by_host = outpost_name, providers, by_host
         hostnames = [p.hostname for p in providers]
         self.by_hostname = {p.hostname: p for p in providers if hostnames.count(p.hostname) == 1}
@@ -128,6 +142,9 @@ class Configuration:
             self.registry.legacy_headers = ctx.options.outpost_legacy_headers
         if "outpost_config" in updated:
             path = str(Path(ctx.options.outpost_config).expanduser())
+            if os.environ.get("AUTHENTIK_HOST") and not Path(path).exists():
+                logger.info("no %s: providers come from authentik only", path)
+                return
             try:
                 name, providers = build_providers(path)
                 self.registry.replace(name, providers)

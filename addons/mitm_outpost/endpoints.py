@@ -18,7 +18,7 @@ from .session_check import load_session
 
 logger = logging.getLogger("mitm_outpost")
 
-ENDPOINT_PATHS = {prefix + name: name for prefix in names.ENDPOINT_PREFIXES for name in names.ENDPOINTS - {names.PING}}
+ENDPOINT_PATHS = {prefix + name: name for prefix in names.ENDPOINT_PREFIXES for name in names.ENDPOINTS - names.HEALTH}
 
 
 def _rd(query: str) -> str:

@@ -9,6 +9,7 @@ self-signed one made here; mitmproxy's interception CA never signs for the outpo
 import datetime
 import ipaddress
 import logging
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -33,9 +34,11 @@ class Listeners:
         self.registry = registry
 
     def load(self, loader: Loader) -> None:
-        loader.add_option("outpost_http_port", int, 9000, "Port of the outpost's plain HTTP listener.")
-        loader.add_option("outpost_https_port", int, 9443, "Port of the outpost's HTTPS listener (0 turns it off).")
-        loader.add_option("outpost_listen_host", str, "", "Address the outpost listens on (empty: all interfaces).")
+        http_host, http_port = listen_env("AUTHENTIK_LISTEN__HTTP", 9000)
+        _, https_port = listen_env("AUTHENTIK_LISTEN__HTTPS", 9443)
+        loader.add_option("outpost_http_port", int, http_port, "Port of the outpost's plain HTTP listener (env AUTHENTIK_LISTEN__HTTP).")
+        loader.add_option("outpost_https_port", int, https_port, "Port of the outpost's HTTPS listener, 0 turns it off (env AUTHENTIK_LISTEN__HTTPS).")
+        loader.add_option("outpost_listen_host", str, http_host, "Address the outpost listens on (empty: all interfaces).")
 
     def configure(self, updated: set[str]) -> None:
         ours = {"outpost_http_port", "outpost_https_port", "outpost_listen_host", "outpost_config"}
@@ -67,6 +70,16 @@ class Listeners:
         confdir = Path(ctx.options.confdir).expanduser()
         # Later entries win in mitmproxy's cert store, so the fallback goes first.
         return [f"*={write_self_signed(confdir / DEFAULT_CERT_FILE, without)}"] + [f"{p.hostname}={p.certificate}" for p in own]
+
+
+def listen_env(name: str, default_port: int) -> tuple[str, int]:
+    """authentik's listen variables (`[::]:9000`, `0.0.0.0:9000`, or a comma-separated list: the first counts)."""
+    value = os.environ.get(name, "").split(",")[0].strip()
+    if not value:
+        return "", default_port
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    return ("" if host in ("", "0.0.0.0", "::") else host), int(port) if port.isdigit() else default_port
 
 
 def write_self_signed(path: Path, hostnames: list[str]) -> Path:

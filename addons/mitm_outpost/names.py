@@ -18,8 +18,9 @@ class Mode(StrEnum):
 
 # The outpost's own paths. The legacy prefix is the one of authentik < 2022.2 (seed 002).
 ENDPOINT_PREFIXES = ("/outpost.goauthentik.io/", "/akprox/")  # keep in step with LEGACY_PREFIX
-PING, START, CALLBACK, SIGN_OUT = "ping", "start", "callback", "sign_out"
-ENDPOINTS = frozenset({PING, START, CALLBACK, SIGN_OUT})
+PING, LIVE, START, CALLBACK, SIGN_OUT = "ping", "live", "start", "callback", "sign_out"
+HEALTH = frozenset({PING, LIVE})  # answered for any host: readiness (ping) and liveness
+ENDPOINTS = frozenset({*HEALTH, START, CALLBACK, SIGN_OUT})
 CALLBACK_PATH = "/outpost.goauthentik.io/callback"
 LEGACY_PREFIX = "/akprox/"
 LEGACY_CALLBACK_PATH = "/akprox/callback"

@@ -17,7 +17,7 @@ from .forwarded import auth_kind, original_request, parse_original_url
 
 logger = logging.getLogger("mitm_outpost")
 
-PING_PATHS = frozenset(prefix + names.PING for prefix in names.ENDPOINT_PREFIXES)
+HEALTH_PATHS = {prefix + name: name for prefix in names.ENDPOINT_PREFIXES for name in names.HEALTH}
 OWN_PATHS = frozenset(prefix + name for prefix in names.ENDPOINT_PREFIXES for name in names.ENDPOINTS)
 
 
@@ -30,9 +30,10 @@ class Routing:
             return
         path, _, query = flow.request.path.partition("?")
         exchange = begin(flow, path, query)
-        if path in PING_PATHS:
-            flow.response = pages.empty(204)
-            decide(flow, Outcome.ENDPOINT, "ping")
+        if health := HEALTH_PATHS.get(path):
+            ready = health == names.LIVE or self.registry.ready
+            flow.response = pages.empty(204 if ready else 503)
+            decide(flow, Outcome.ENDPOINT, health if ready else "ping: providers not loaded yet")
             return
         peer = flow.client_conn.peername[0]
         kind = auth_kind(path, query)
