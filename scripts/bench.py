@@ -10,6 +10,14 @@ on a 2-core VM, so only the ratio to bare mitmdump says what our addons cost):
   outpost  load tool -> mitmdump -s addons/outpost.py -> upstream, with a signed-in session
            cookie, so each request walks the whole addon chain and gets identity headers.
 
+and forward auth (when nginx is installed), nginx configured like docs/forward-auth/nginx-single.conf
+plus keep-alive to the auth server and to the upstream:
+
+  fwd-bare     load tool -> nginx -> upstream, each request first asking, with auth_request,
+               a bare mitmdump whose script answers 200 with an empty body (mitmproxy's own cost)
+  fwd-outpost  the same, asking the outpost's /outpost.goauthentik.io/auth/nginx of a
+               forward_single provider, with a session cookie got by signing in through nginx.
+
 The upstream answers `hello <X-authentik-username>`, so a body of "hello alice" proves that a
 request went through the outpost, as alice, to the upstream (and not to a login redirect).
 """
@@ -125,7 +133,7 @@ def cpu_seconds(pid: int) -> float:
 
 # ---------------------------------------------------------------- upstream
 
-NGINX_CONF = """\
+NGINX_MAIN = """\
 worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
@@ -136,27 +144,41 @@ http {{
     client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
     keepalive_requests 1000000;
+{servers}
+}}
+"""
+
+UPSTREAM_SERVER = """\
     server {{
         listen {host}:{port};
         location / {{ default_type text/plain; return 200 "hello $http_x_authentik_username\\n"; }}
-    }}
-}}
-"""
+    }}"""
+
+
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+
+
+def start_nginx(procs: Processes, tmp: Path, name: str, nginx: str, servers: str) -> tuple[subprocess.Popen, list[str]]:
+    """One nginx (master + 1 worker) with the given http{} content, its state under tmp/name."""
+    d = tmp / name
+    d.mkdir()
+    (d / "nginx.conf").write_text(NGINX_MAIN.format(dir=d, servers=servers))
+    argv = [nginx, "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")]
+    return procs.start(name, argv), argv
 
 
 def start_upstream(procs: Processes, tmp: Path, port: int) -> tuple[str, list[str]]:
     """nginx when installed (it never is the bottleneck), else the asyncio server below."""
-    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    nginx = find_nginx()
     if nginx:
-        d = tmp / "nginx"
-        d.mkdir()
-        (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, host=HOST, port=port))
-        argv = [nginx, "-p", str(d), "-e", str(d / "error.log"), "-c", str(d / "nginx.conf")]
+        proc, argv = start_nginx(procs, tmp, "upstream", nginx, UPSTREAM_SERVER.format(host=HOST, port=port))
         kind = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip().replace("nginx version: ", "")
     else:
         argv = [sys.executable, __file__, "--serve-upstream", str(port)]
         kind = "python asyncio server (nginx not installed)"
-    wait_http(f"http://{HOST}:{port}/", procs, procs.start("upstream", argv))
+        proc = procs.start("upstream", argv)
+    wait_http(f"http://{HOST}:{port}/", procs, proc)
     return kind, argv
 
 
@@ -189,12 +211,86 @@ async def serve_upstream(port: int) -> None:
         await server.serve_forever()
 
 
+# ---------------------------------------------------------------- forward auth
+
+FORWARD_TEMPLATE = ROOT / "docs" / "forward-auth" / "nginx-single.conf"
+FORWARD_DOMAIN = "example.test"  # the app is app.example.test:<nginx port>; every name is 127.0.0.1 here
+KEEPALIVE = 16  # idle connections nginx keeps open to the auth server and to the upstream
+
+BARE_AUTH_SCRIPT = """\
+# The reference auth server: mitmdump itself, answering every auth_request 200 with an empty body.
+from mitmproxy import http
+
+
+def request(flow: http.HTTPFlow) -> None:
+    flow.response = http.Response.make(200)
+"""
+
+
+def forward_auth_servers(port: int, auth_port: int, upstream_port: int) -> str:
+    """The server block of docs/forward-auth/nginx-single.conf, as documented except for keep-alive:
+    `proxy_pass` to the auth server and to the upstream go through `upstream { keepalive }` blocks,
+    and the outpost location speaks HTTP/1.1 with `Connection: ""` (the documented app location
+    already does). Without this, nginx opens a new connection to mitmdump for every auth
+    subrequest, and connection set-up, not the auth check, would be measured."""
+    values = {"port": port, "domain": FORWARD_DOMAIN, "outpost_host": HOST, "outpost_port": auth_port,
+              "upstream_host": HOST, "upstream_port": upstream_port}
+    text = FORWARD_TEMPLATE.read_text()
+    unknown = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", text)) - values.keys()
+    if unknown:
+        sys.exit(f"{FORWARD_TEMPLATE}: no value for {sorted(unknown)}; update forward_auth_servers() in scripts/bench.py")
+    text = re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: str(values[m.group(1)]), text)
+    edits = [  # (documented line, replacement): each must be found exactly once
+        (f"proxy_pass              http://{HOST}:{auth_port};",
+         'proxy_pass              http://bench_auth;\n'
+         '        proxy_http_version      1.1;\n'
+         '        proxy_set_header        Connection "";'),
+        (f"proxy_pass         http://{HOST}:{upstream_port};", "proxy_pass         http://bench_app;"),
+    ]
+    for old, new in edits:
+        if text.count(old) != 1:
+            sys.exit(f"{FORWARD_TEMPLATE}: expected the line {old!r} once, found it {text.count(old)} times; "
+                     "update forward_auth_servers() in scripts/bench.py")
+        text = text.replace(old, new)
+    return (f"    upstream bench_auth {{ server {HOST}:{auth_port}; keepalive {KEEPALIVE}; }}\n"
+            f"    upstream bench_app {{ server {HOST}:{upstream_port}; keepalive {KEEPALIVE}; }}\n" + text)
+
+
+class LoopbackTransport(httpx2.HTTPTransport):
+    """Connects to 127.0.0.1 whatever the URL's host, and keeps the URL (so the cookie jar judges
+    cookies by the name a browser would use): lets a client sign in at app.example.test:<port>."""
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        original = request.url
+        request.url = original.copy_with(host=HOST)
+        try:
+            return super().handle_request(request)
+        finally:
+            request.url = original
+
+
 # ---------------------------------------------------------------- load tool
 
 
 def parse_ms(text: str) -> float:
     value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+
+# wrk counts only 4xx/5xx as errors, but a lost session shows up as 3xx (a login redirect): this
+# counts every answer that is not 200 (wrk calls `response` only when a script defines it, which
+# costs wrk a little CPU per answer, so the direct measurement goes without).
+NON_200_SCRIPT = """\
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) non200 = 0 end
+function response(status, headers, body) if status ~= 200 then non200 = non200 + 1 end end
+function done(summary, latency, requests)
+  local n = 0
+  for _, t in ipairs(threads) do n = n + t:get("non200") end
+  io.write(string.format("Non-200 responses: %d\\n", n))
+end
+"""
 
 
 class Load:
@@ -213,21 +309,27 @@ class Load:
             return (out.stdout + out.stderr).split("[")[0].strip() or "wrk"
         return subprocess.run([self.h2load, "--version"], capture_output=True, text=True).stdout.strip()
 
-    def argv(self, url: str, seconds: int, headers: list[str]) -> list[str]:
+    def argv(self, url: str, seconds: int, headers: list[str], script: Path | None = None) -> list[str]:
         h = [arg for header in headers for arg in ("-H", header)]
         c, t = str(self.connections), str(self.threads)
         if self.wrk:
-            return [self.wrk, f"-t{t}", f"-c{c}", f"-d{seconds}s", "--latency", *h, url]
-        return [self.h2load, "--h1", "-D", str(seconds), "-c", c, "-t", t, *h, url]
+            s = ["-s", str(script)] if script else []
+            return [self.wrk, f"-t{t}", f"-c{c}", f"-d{seconds}s", "--latency", *s, *h, url]
+        return [self.h2load, "--h1", "-D", str(seconds), "-c", c, "-t", t, *h, url]  # counts 3xx itself
 
-    def run(self, name: str, url: str, seconds: int, headers: list[str], warmup: int, pid: int | None) -> Result:
+    def run(self, name: str, url: str, seconds: int, headers: list[str], warmup: int, pid: int | None,
+            script: Path | None = None) -> Result:
+        """`script`: a wrk Lua script (NON_200_SCRIPT) whose count of non-200 answers lands in `errors`."""
         if warmup:
-            self._run(self.argv(url, warmup, headers), warmup)
-        argv = self.argv(url, seconds, headers)
+            self._run(self.argv(url, warmup, headers, script), warmup)
+        argv = self.argv(url, seconds, headers, script)
         cpu0, t0 = (cpu_seconds(pid) if pid else 0.0), time.monotonic()
         out = self._run(argv, seconds)
         cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) if pid else None
-        shown = shlex.join(argv).replace(headers[0], "Cookie: <session>") if headers else shlex.join(argv)
+        shown = shlex.join(argv)
+        for header in headers:
+            if header.startswith("Cookie:"):
+                shown = shown.replace(header, "Cookie: <session>")
         result = self._parse_wrk(out) if self.wrk else self._parse_h2load(out)
         result.name, result.command, result.cpu = name, shown, cpu
         return result
@@ -244,6 +346,9 @@ class Load:
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
         pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
         errors = "; ".join(m.strip() for m in re.findall(r"^\s*(Socket errors:.*|Non-2xx or 3xx responses:.*)$", out, re.M))
+        non_200 = re.search(r"^Non-200 responses: ([1-9]\d*)$", out, re.M)
+        if non_200:
+            errors = "; ".join(filter(None, [errors, f"{non_200.group(1)} answers not 200"]))
         return Result("", "", rps, parse_ms(pct["50"]) if "50" in pct else None,
                       parse_ms(pct["99"]) if "99" in pct else None, errors)
 
@@ -271,7 +376,21 @@ providers:
 """
 
 
-def log_in(origin: str) -> str:
+OUTPOST_FORWARD_CONFIG = """\
+outpost:
+  name: mitm-outpost bench forward auth
+providers:
+  - name: bench-forward
+    mode: forward_single
+    external_host: http://app.{domain}:{port}
+    issuer: http://{host}:{idp}
+    client_id: bench-forward-client
+    client_secret: bench-secret
+    access_token_validity: 3600
+"""
+
+
+def log_in(origin: str, transport: httpx2.BaseTransport | None = None) -> str:
     """Sign in as alice like a browser would and return the `Cookie:` value of the session.
 
     protected URL -> 302 /outpost.goauthentik.io/start -> 302 IdP authorize -> POST sub=alice
@@ -284,7 +403,7 @@ def log_in(origin: str) -> str:
                      f"-> {location!r}, expected a 302 to ...{expect}...\n{response.text[:500]}")
         return location
 
-    with httpx2.Client(follow_redirects=False, timeout=10) as browser:
+    with httpx2.Client(follow_redirects=False, timeout=10, transport=transport) as browser:
         html = {"Accept": "text/html"}
         start = follow(browser.get(origin + "/bench", headers=html), "/outpost.goauthentik.io/start")
         authorize = follow(browser.get(start, headers=html), "/authorize")
@@ -296,12 +415,13 @@ def log_in(origin: str) -> str:
     return cookies[0]
 
 
-def check_proxied(url: str, cookie: str) -> None:
-    """One request with only the session cookie must reach the upstream as alice (not a 302)."""
-    r = httpx2.get(url, headers={"Cookie": cookie}, timeout=10)
-    if r.status_code != 200 or r.text.strip() != f"hello {USER}":
-        sys.exit(f"session check: {url} answered {r.status_code} {r.headers.get('location', '')} {r.text[:200]!r}, "
-                 f"expected 200 'hello {USER}' from the upstream")
+def check_proxied(url: str, headers: tuple[str, ...] | list[str], user: str = USER) -> None:
+    """One request with exactly the load tool's headers (the session cookie, Host) must reach the
+    upstream as `user` (not a login redirect)."""
+    r = httpx2.get(url, headers=[tuple(h.split(": ", 1)) for h in headers], timeout=10)
+    if r.status_code != 200 or r.text.strip() != f"hello {user}".strip():
+        sys.exit(f"session check: {url} {list(headers)} answered {r.status_code} {r.headers.get('location', '')} "
+                 f"{r.text[:200]!r}, expected 200 'hello {user}' from the upstream")
 
 
 # ---------------------------------------------------------------- report
@@ -328,11 +448,20 @@ def report(rounds: dict[str, list[Result]], info: dict[str, str]) -> None:
         cpu_ms = 1000 * r.cpu / r.rps if r.cpu else None
         print(f"| {r.name} | {r.rps:,.0f} | {fmt(r.p50_ms, '.2f', ' ms')} | {fmt(r.p99_ms, '.2f', ' ms')} "
               f"| {fmt(r.cpu, '.2f')} | {fmt(cpu_ms, '.2f', ' ms')} | {r.errors or 'none'} |")
+    if "fwd_outpost" in results:
+        print("\nForward-auth rows: req/s through nginx, proxy CPU = the auth server's (outpost or bare mitmdump), "
+              "not nginx's.")
     ratio = outpost.rps / bare.rps
     per_round = ", ".join(f"{o.rps / b.rps:.2f}" for o, b in zip(rounds["outpost"], rounds["bare"]))
     print("\n| ratio (req/s) | value | per round | target |")
     print("|---|---:|---|---|")
     print(f"| outpost / bare mitmdump | {ratio:.2f} | {per_round} | >= 0.90 {'✓' if ratio >= 0.9 else '✗'} |")
+    if "fwd_outpost" in results:
+        fwd = results["fwd_outpost"].rps / results["fwd_bare"].rps
+        per_round = ", ".join(f"{o.rps / b.rps:.2f}" for o, b in zip(rounds["fwd_outpost"], rounds["fwd_bare"]))
+        mark = "✓✓" if fwd >= 2.0 else "✓" if fwd >= 1.0 else "✗"
+        print(f"| nginx auth_request: outpost / bare mitmdump | {fwd:.2f} | {per_round} "
+              f"| >= 1.0 (goal >= 2.0) {mark} |")
     print(f"| bare mitmdump / direct | {bare.rps / direct.rps:.4f} | | – |")
     print(f"| outpost / direct | {outpost.rps / direct.rps:.4f} | | – |")
     print("\nCommands (ports are picked per run):\n")
@@ -344,8 +473,9 @@ def report(rounds: dict[str, list[Result]], info: dict[str, str]) -> None:
 
 
 def profile(args: argparse.Namespace, procs: Processes, pid: int) -> subprocess.Popen:
-    """py-spy samples the outpost for one warm-up and measurement, without pausing it
-    (--nonblocking), so it costs the outpost little; that round's numbers are still a bit lower."""
+    """py-spy samples the process under test (the outpost by default, see --profile-setup) for one
+    warm-up and measurement, without pausing it (--nonblocking), so it costs that process little;
+    that round's numbers are still a bit lower."""
     spy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
     if not spy:
         sys.exit("--profile needs py-spy: .venv/bin/pip install py-spy")
@@ -356,23 +486,29 @@ def profile(args: argparse.Namespace, procs: Processes, pid: int) -> subprocess.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 s per measurement, 1 s warm-up (whole run < 1 min)")
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measurement (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="seconds of discarded load before each measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three measurements; medians are "
+    parser.add_argument("--quick", action="store_true", help="2 s per measurement, 1 s warm-up: five setups, three "
+                        "rounds, whole run < 1 min (an explicit --duration/--warmup wins)")
+    parser.add_argument("--duration", type=int, help="seconds per measurement (default 10)")
+    parser.add_argument("--warmup", type=int, help="seconds of discarded load before each measurement (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the measurements; medians are "
                         "reported, since a neighbour's burst of CPU can halve one measurement (default 3)")
     parser.add_argument("--connections", type=int, default=16, help="open connections (default 16, as in spec §7)")
     parser.add_argument("--threads", type=int, default=1, help="load tool threads (default 1)")
     parser.add_argument("--load-tool", choices=["auto", "wrk", "h2load"], default="auto", help="default: wrk if installed")
-    parser.add_argument("--profile", metavar="FILE", help="record the outpost under load (first round) with py-spy "
+    parser.add_argument("--profile", metavar="FILE", help="record the outpost (see --profile-setup) under load "
+                        "(first round) with py-spy "
                         "(.venv/bin/pip install py-spy) into FILE: .svg flame graph, .txt collapsed stacks, else speedscope JSON")
+    parser.add_argument("--profile-setup", choices=["outpost", "fwd_outpost", "bare", "fwd_bare"], default="outpost",
+                        help="which process --profile records: the outpost in proxy mode (default), the outpost "
+                        "behind nginx auth_request, or the bare mitmdump of either, for comparison")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
         asyncio.run(serve_upstream(args.serve_upstream))
         return
-    if args.quick:
-        args.duration, args.warmup = 3, 1
+    quick = (2, 1) if args.quick else (10, 3)
+    args.duration = quick[0] if args.duration is None else args.duration
+    args.warmup = quick[1] if args.warmup is None else args.warmup
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the children
 
     load = Load(args.connections, args.threads, args.load_tool)
@@ -393,13 +529,68 @@ class Setup:
     server: list[str]  # the command of the process under test
     pid: int | None = None  # whose CPU time is measured (the proxies)
     headers: tuple[str, ...] = ()
+    via: list[str] | None = None  # forward auth: the command of the nginx in front
+    count_non_200: bool = True  # with wrk: count answers that are not 200 (NON_200_SCRIPT)
+
+
+def addons_mtime() -> float:
+    """mitmdump reloads `-s addons/outpost.py` when that file changes, dropping the sessions kept in
+    memory: a run during which addons/ changed mixes versions (or measures login redirects)."""
+    return max((f.stat().st_mtime for f in (ROOT / "addons").rglob("*.py")), default=0.0)
+
+
+def start_forward_auth(procs: Processes, tmp: Path, nginx: str, mitmdump: str, confdir: str,
+                       up_port: int, idp_port: int) -> dict[str, Setup]:
+    """nginx (docs/forward-auth/nginx-single.conf + keep-alive) in front of the upstream, twice:
+    asking a bare mitmdump that answers 200 to everything, and asking the outpost (forward_single),
+    signed in through that nginx like a browser at http://app.example.test:<port>."""
+    bare_port, bare_front, outpost_port, outpost_front = (free_port() for _ in range(4))
+    upstream = f"http://{HOST}:{up_port}"
+
+    script = tmp / "bare_auth.py"
+    script.write_text(BARE_AUTH_SCRIPT)
+    bare_argv = [mitmdump, "-q", "-s", str(script), "--set", confdir, "--listen-host", HOST,
+                 "--mode", f"reverse:{upstream}@{bare_port}"]
+    bare = procs.start("fwd-bare-mitmdump", bare_argv)
+
+    config = tmp / "outpost-forward.yaml"
+    config.write_text(OUTPOST_FORWARD_CONFIG.format(domain=FORWARD_DOMAIN, port=outpost_front, host=HOST, idp=idp_port))
+    outpost_argv = [mitmdump, "-q", "-s", "addons/outpost.py", "--set", confdir, "--set", f"outpost_config={config}",
+                    "--set", f"outpost_http_port={outpost_port}", "--set", "outpost_https_port=0",
+                    "--set", f"outpost_listen_host={HOST}", "--set", "listen_port=0"]
+    outpost = procs.start("fwd-outpost", outpost_argv)
+    wait_http(f"http://{HOST}:{bare_port}/", procs, bare)
+    wait_http(f"http://{HOST}:{outpost_port}/outpost.goauthentik.io/ping", procs, outpost, expect=204)
+
+    setups: dict[str, Setup] = {}
+    for key, label, front, auth, auth_argv, pid in (
+        ("fwd_bare", "nginx auth_request → bare mitmdump", bare_front, bare_port, bare_argv, bare.pid),
+        ("fwd_outpost", "nginx auth_request → outpost", outpost_front, outpost_port, outpost_argv, outpost.pid),
+    ):
+        proc, nginx_argv = start_nginx(procs, tmp, f"nginx-{key}", nginx, forward_auth_servers(front, auth, up_port))
+        # /outpost.goauthentik.io/ goes to the auth server without auth_request: proves nginx -> it.
+        ping = f"http://{HOST}:{front}/outpost.goauthentik.io/ping"
+        wait_http(ping, procs, proc, expect=204 if key == "fwd_outpost" else 200)
+        host = f"Host: app.{FORWARD_DOMAIN}:{front}"
+        setups[key] = Setup(label, f"http://{HOST}:{front}/bench", auth_argv, pid, (host,), nginx_argv)
+
+    check_proxied(setups["fwd_bare"].url, setups["fwd_bare"].headers, user="")  # 200 'hello ': no identity
+    fwd = setups["fwd_outpost"]
+    cookie = log_in(f"http://app.{FORWARD_DOMAIN}:{outpost_front}", LoopbackTransport())
+    fwd.headers = (f"Cookie: {cookie}", *fwd.headers)
+    check_proxied(fwd.url, fwd.headers)
+    print(f"forward auth: signed in as {USER} through nginx at app.{FORWARD_DOMAIN}:{outpost_front}, "
+          f"upstream answers 'hello {USER}'", flush=True)
+    return setups
 
 
 def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loadavg: str) -> None:
-    """Start all servers, sign in, then measure direct, bare, outpost in turn, `--rounds` times.
+    """Start all servers, sign in, then measure direct, bare, outpost (and the two forward-auth
+    setups when nginx is installed) in turn, `--rounds` times.
     The servers not under load sit idle in epoll, so they cost the measured one nothing."""
     up_port, bare_port, outpost_port, idp_port = (free_port() for _ in range(4))
     mitmdump = str(VENV_BIN / "mitmdump")
+    mtime = addons_mtime()
     confdir = f"confdir={tmp / 'mitm'}"  # a private CA and default cert: nothing lands in ~/.mitmproxy
 
     upstream_kind, upstream_argv = start_upstream(procs, tmp, up_port)
@@ -421,35 +612,59 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
     origin = f"http://{HOST}:{outpost_port}"
     wait_http(origin + "/outpost.goauthentik.io/ping", procs, outpost, expect=204)
     cookie = log_in(origin)
-    check_proxied(origin + "/bench", cookie)
+    check_proxied(origin + "/bench", [f"Cookie: {cookie}"])
     print(f"signed in as {USER}: session cookie {cookie.split('=')[0]}, upstream answers 'hello {USER}'", flush=True)
 
     setups = {
-        "direct": Setup("direct (upstream)", upstream + "/bench", upstream_argv),
+        "direct": Setup("direct (upstream)", upstream + "/bench", upstream_argv, count_non_200=False),
         "bare": Setup("bare mitmdump", f"http://{HOST}:{bare_port}/bench", bare_argv, bare.pid),
         "outpost": Setup("outpost (signed in)", origin + "/bench", outpost_argv, outpost.pid, (f"Cookie: {cookie}",)),
     }
+    nginx = find_nginx()
+    if nginx:
+        setups.update(start_forward_auth(procs, tmp, nginx, mitmdump, confdir, up_port, idp_port))
+    else:
+        print("nginx not installed: no forward-auth measurement", flush=True)
+    non_200 = tmp / "non200.lua"
+    non_200.write_text(NON_200_SCRIPT)
     rounds: dict[str, list[Result]] = {key: [] for key in setups}
     for n in range(args.rounds):
         for key, s in setups.items():
             print(f"round {n + 1}/{args.rounds}, {s.label}: {s.url} ({args.warmup} s warm-up + {args.duration} s)", flush=True)
-            spy = profile(args, procs, s.pid) if args.profile and key == "outpost" and n == 0 else None  # type: ignore[arg-type]
-            r = load.run(s.label, s.url, args.duration, list(s.headers), args.warmup, s.pid)
-            r.server = shlex.join(s.server)
+            profiled = args.profile and key == args.profile_setup and n == 0
+            spy = profile(args, procs, s.pid) if profiled else None  # type: ignore[arg-type]
+            r = load.run(s.label, s.url, args.duration, list(s.headers), args.warmup, s.pid,
+                         non_200 if s.count_non_200 else None)
+            r.server = shlex.join(s.server) if not s.via else f"{shlex.join(s.via)}` asking `{shlex.join(s.server)}"
             rounds[key].append(r)
             print(f"  {r.rps:,.0f} req/s, p99 {fmt(r.p99_ms, '.2f', ' ms')}{', ' + r.errors if r.errors else ''}", flush=True)
+            if any(h.startswith("Cookie:") for h in s.headers) and "not 200" in r.errors:
+                changed = " addons/ changed during the run (mitmdump reloads addons/outpost.py when it changes, " \
+                          "which drops the sessions)." if addons_mtime() != mtime else ""
+                sys.exit(f"{s.label}: {r.errors}: the session stopped working, so this measured something else "
+                         f"(login redirects?).{changed}")
             if spy:
                 spy.wait(30)
-                print(f"  profile of the outpost under load: {args.profile}", flush=True)
-    check_proxied(origin + "/bench", cookie)  # still signed in: no number came from login redirects
-    report(rounds, {
+                print(f"  profile of {s.label} under load: {args.profile}", flush=True)
+    for key in ("outpost", "fwd_outpost"):  # still signed in: no number came from login redirects
+        if key in setups:
+            check_proxied(setups[key].url, setups[key].headers)
+    if addons_mtime() != mtime:
+        print("\nWARNING: addons/ changed during the run; mitmdump may have reloaded addons/outpost.py, "
+              "so the rounds may mix code versions.", flush=True)
+    info = {
         "nproc": str(len(os.sched_getaffinity(0))),
         "load average before the run": loadavg,
         "upstream": upstream_kind,
         "load tool": f"{load.version()}, {args.threads} thread(s), {args.connections} connections, "
                      f"{args.warmup} s warm-up + {args.duration} s per measurement, {args.rounds} round(s), median shown",
         "mitmproxy": f"{mitmproxy.version.VERSION}, Python {sys.version.split()[0]}",
-    })
+    }
+    if "fwd_outpost" in setups:
+        info["forward auth"] = (f"nginx (1 worker) with {FORWARD_TEMPLATE.relative_to(ROOT)}, except `upstream {{ keepalive "
+                                f"{KEEPALIVE}; }}` to the auth server and to the upstream, HTTP/1.1 and `Connection: \"\"` "
+                                f"to the auth server; outpost provider mode forward_single")
+    report(rounds, info)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import ipaddress
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -55,6 +55,7 @@ class Registry:
 
     sources: dict[str, tuple[Provider, ...]] = field(default_factory=dict)  # "file", "authentik"
     ready: bool = True  # false while providers are still awaited from authentik (readiness)
+    on_change: list[Callable[[], None]] = field(default_factory=list)  # run after every swap
 
     def replace(self, outpost_name: str, providers: tuple[Provider, ...], source: str = "file") -> None:
         """Swap one source's providers (between requests: every field is rebuilt, then assigned).
@@ -77,6 +78,8 @@ class Registry:
         providers = combined
         self.sources = sources
         self.outpost_name, self.providers, self.by_host = outpost_name, providers, by_host
+        for callback in self.on_change:
+            callback()
         hostnames = [p.hostname for p in providers]
         self.by_hostname = {p.hostname: p for p in providers if hostnames.count(p.hostname) == 1}
         self.domain_providers = tuple(sorted(

@@ -32,6 +32,12 @@ DEFAULT_CERT_FILE = "outpost-default-cert.pem"
 class Listeners:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        registry.on_change.append(self.providers_changed)
+
+    def providers_changed(self) -> None:
+        """A new provider set (a refresh from authentik) may bring new hosts and certificates."""
+        if self.registry.sources.get("authentik") is not None:
+            ctx.options.update(certs=self.certificates())
 
     def load(self, loader: Loader) -> None:
         http_host, http_port = listen_env("AUTHENTIK_LISTEN__HTTP", 9000)
