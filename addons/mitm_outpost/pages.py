@@ -1,7 +1,9 @@
 """The responses the outpost writes itself: short, escaped, never a traceback."""
 
+import copy
 import html
 import json
+import time
 
 from mitmproxy import http
 
@@ -34,5 +36,19 @@ def redirect(location: str, set_cookies: list[str] = ()) -> http.Response:  # ty
     return response
 
 
+_EMPTY: dict[int, http.Response] = {}
+
+
 def empty(status: int) -> http.Response:
-    return http.Response.make(status, b"", NO_STORE)
+    """An empty answer (ping, forward-auth verdicts: the hottest responses the outpost writes).
+
+    Copied from a prototype: `Response.make` type-checks every field on each call, which
+    costs several times what a forward-auth decision does."""
+    prototype = _EMPTY.get(status)
+    if prototype is None:
+        prototype = _EMPTY[status] = http.Response.make(status, b"", NO_STORE)
+    response = copy.copy(prototype)
+    response.data = copy.copy(prototype.data)
+    response.data.headers = http.Headers(prototype.data.headers.fields)
+    response.timestamp_start = response.timestamp_end = time.time()
+    return response

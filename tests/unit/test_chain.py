@@ -218,3 +218,13 @@ async def test_an_addon_failure_never_lets_a_request_through(registry: Registry,
     monkeypatch.setattr(Access, "requestheaders", broken)
     f = await run(registry, flow("/private", headers={"Accept": "text/html"}))
     assert f.response.status_code == 403 and "no decision" in f.comment
+
+
+def test_empty_answers_are_independent_copies() -> None:
+    from mitm_outpost import pages
+
+    first, second = pages.empty(200), pages.empty(200)
+    first.headers["X-authentik-username"] = "alice"
+    assert "X-authentik-username" not in second.headers
+    assert (second.status_code, second.reason, second.content, second.headers["Cache-Control"]) == (200, "OK", b"", "no-store")
+    assert pages.empty(403).reason == "Forbidden"
