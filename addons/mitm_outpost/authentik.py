@@ -67,10 +67,11 @@ def env_bool(name: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    host: str  # ends with /
+    host: str  # scheme://host/path/, without AUTHENTIK_HOST's query
     token: str
     insecure: bool
     host_browser: str
+    query: str = ""  # AUTHENTIK_HOST's query, merged into the websocket URL (spec §2.3)
 
     @classmethod
     def from_env(cls) -> "Settings | None":
@@ -80,12 +81,14 @@ class Settings:
         if not host or not token:
             missing = "AUTHENTIK_HOST" if not host else "AUTHENTIK_TOKEN"
             raise SystemExit(f"{missing} is not set.\n{USAGE}")
-        return cls(host.rstrip("/") + "/", token, env_bool("AUTHENTIK_INSECURE"), env_value("AUTHENTIK_HOST_BROWSER"))
+        parts = urllib.parse.urlsplit(host)
+        base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/", "", ""))
+        return cls(base, token, env_bool("AUTHENTIK_INSECURE"), env_value("AUTHENTIK_HOST_BROWSER"), parts.query)
 
     @property
     def websocket_base(self) -> str:
         parts = urllib.parse.urlsplit(self.host)
-        return urllib.parse.urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc, parts.path, parts.query, ""))
+        return urllib.parse.urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc, parts.path, "", ""))
 
 
 USAGE = """mitm-outpost takes its providers from authentik when both are set:
@@ -156,14 +159,14 @@ class AuthentikSource:
         if self.settings is not None:
             self.registry.ready = False  # /ping says 503 until the first providers arrive
 
-    async def running(self) -> None:
-        if self.settings is None:
-            return
-        api = Api(self.settings)
+    def running(self) -> None:
+        if self.settings is not None:  # in the background: the listeners (readiness 503) come up meanwhile
+            self.tasks = [asyncio.create_task(self.serve(Api(self.settings)))]
+
+    async def serve(self, api: Api) -> None:
         await self.first_load(api)
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGUSR1, self.refresh_now.set)
-        self.tasks = [asyncio.create_task(self.refresh_loop(api)), asyncio.create_task(self.websocket_loop())]
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.refresh_now.set)
+        await asyncio.gather(self.refresh_loop(api), self.websocket_loop())
 
     def done(self) -> None:
         for task in self.tasks:
@@ -179,7 +182,7 @@ class AuthentikSource:
                 print(f"mitm-outpost: {e}. Check AUTHENTIK_TOKEN.", file=sys.stderr)
                 os._exit(1)
             except Exception as e:
-                logger.warning("authentik at %s is not reachable yet (%s); retrying in %.0f s", self.settings.host, e, STARTUP_RETRY)  # type: ignore[union-attr]
+                logger.warning("authentik at %s is not reachable yet (%s); retrying in %.0f s", api.settings.host, describe(e), STARTUP_RETRY)
                 await asyncio.sleep(STARTUP_RETRY)
 
     async def refresh_loop(self, api: Api) -> None:
@@ -198,7 +201,7 @@ class AuthentikSource:
                     backoff = STARTUP_RETRY
                     break
                 except Exception as e:
-                    logger.warning("refresh from authentik failed (%s); keeping the last good providers, retrying in %.0f s", e, backoff)
+                    logger.warning("refresh from authentik failed (%s); keeping the last good providers, retrying in %.0f s", describe(e), backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(BACKOFF_MAX, backoff * 2)
 
@@ -254,8 +257,8 @@ class AuthentikSource:
         attempt, backoff = 0, 1.0
         while True:
             attempt += 1
-            url = f"{self.settings.websocket_base}ws/outpost/{self.outpost.get('pk')}/?" + urllib.parse.urlencode(
-                {"instance_uuid": self.instance, "attempt": attempt})
+            query = [*urllib.parse.parse_qsl(self.settings.query), ("instance_uuid", self.instance), ("attempt", str(attempt))]
+            url = f"{self.settings.websocket_base}ws/outpost/{self.outpost.get('pk')}/?" + urllib.parse.urlencode(query)
             context = None
             if url.startswith("wss:") and self.settings.insecure:
                 context = ssl.create_default_context()
@@ -269,7 +272,7 @@ class AuthentikSource:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                logger.warning("authentik: websocket lost (%s); reconnecting in %.0f s", e, backoff)
+                logger.warning("authentik: websocket lost (%s); reconnecting in %.0f s", describe(e), backoff)
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(BACKOFF_MAX, backoff * 2)
 
@@ -296,6 +299,13 @@ class AuthentikSource:
             elif instruction == SESSION_END and isinstance(args.get("session_id"), str):
                 ended = await self.registry.store.delete_idp_session(args["session_id"])
                 logger.info("authentik: session end: %d outpost session(s) ended", ended)
+
+
+def describe(error: Exception) -> str:
+    """One line for the log: the status of an HTTP error, else the exception's own first line."""
+    if isinstance(error, httpx2.HTTPStatusError):
+        return f"HTTP {error.response.status_code} from {error.request.url}"
+    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def browser_facing(oidc: dict[str, Any], host_browser: str) -> dict[str, Any]:
