@@ -16,6 +16,7 @@ from mitm_outpost.endpoints import Endpoints  # noqa: E402
 from mitm_outpost.forward_auth import ForwardAuth  # noqa: E402
 from mitm_outpost.header_auth import HeaderAuth  # noqa: E402
 from mitm_outpost.listeners import Listeners  # noqa: E402
+from mitm_outpost.metrics import Metrics  # noqa: E402
 from mitm_outpost.routing import Routing  # noqa: E402
 from mitm_outpost.sanitize import Sanitize  # noqa: E402
 from mitm_outpost.session_check import SessionCheck  # noqa: E402
@@ -27,6 +28,7 @@ addons = [
     Configuration(registry),  # mitm_config.yaml -> providers
     AuthentikSource(registry),  # or/and providers from the authentik API (AUTHENTIK_HOST, AUTHENTIK_TOKEN)
     Listeners(registry),  # ports 9000/9443, certificates
+    Metrics(registry),  # port 9300: /metrics, /ping
     Routing(registry),  # 1. provider by Host; ping
     Sanitize(),  # 2. drop forged identity headers and outpost cookies
     Endpoints(registry),  # 3. start, callback, sign_out

@@ -215,8 +215,9 @@ class AuthentikSource:
                 built.append(await self.build(api, entry, outpost, name))
             except (config.ConfigError, ValueError, KeyError, TypeError) as e:
                 logger.error("authentik provider %r dropped: %s", entry.get("name"), e)
-        self.registry.replace(name, tuple(built), source="authentik")
         self.outpost = outpost
+        self.registry.outpost_uuid = str(outpost.get("pk") or "")
+        self.registry.replace(name, tuple(built), source="authentik")
         self.registry.ready = True
         logger.info("authentik: serving %d provider(s): %s", len(built), ", ".join(p.name for p in built) or "none")
 

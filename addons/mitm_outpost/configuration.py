@@ -55,6 +55,7 @@ class Registry:
 
     sources: dict[str, tuple[Provider, ...]] = field(default_factory=dict)  # "file", "authentik"
     ready: bool = True  # false while providers are still awaited from authentik (readiness)
+    outpost_uuid: str = ""  # the authentik outpost instance's pk, when providers come from authentik
     on_change: list[Callable[[], None]] = field(default_factory=list)  # run after every swap
 
     def replace(self, outpost_name: str, providers: tuple[Provider, ...], source: str = "file") -> None:

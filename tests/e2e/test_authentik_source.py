@@ -46,7 +46,7 @@ class ApiOutpost(Process):
         self.dir = Path(tempfile.mkdtemp(prefix="api-outpost-"))
         args = [str(BIN / "mitmdump"), "-s", str(ROOT / "addons/outpost.py"), "--set", f"outpost_config={self.dir}/absent.yaml",
                 "--set", f"outpost_http_port={self.port}", "--set", f"outpost_https_port={tls_port}",
-                "--set", "listen_port=0", "--set", f"confdir={self.dir}"]
+                "--set", "listen_port=0", "--set", f"metrics_port={free_port()}", "--set", f"confdir={self.dir}"]
         environment = {"AUTHENTIK_HOST": api.url, "AUTHENTIK_TOKEN": token or api.token, **(env or {})}
         super().__init__(args, port=self.port, env=environment)
 
@@ -206,7 +206,7 @@ def test_bad_token_stops_with_a_clear_message(api: AuthentikAPIDouble) -> None:
 
 def test_missing_token_prints_help_and_exits_2(api: AuthentikAPIDouble) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHENTIK_")}
-    result = subprocess.run([str(BIN / "mitmdump"), "-s", str(ROOT / "addons/outpost.py"), "--set", "listen_port=0"],
+    result = subprocess.run([str(BIN / "mitmdump"), "-s", str(ROOT / "addons/outpost.py"), "--set", "listen_port=0", "--set", "metrics_port=0"],
                             env={**env, "AUTHENTIK_HOST": api.url}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "AUTHENTIK_TOKEN is not set" in result.stderr and "AUTHENTIK_HOST=https://" in result.stderr
@@ -215,13 +215,18 @@ def test_missing_token_prints_help_and_exits_2(api: AuthentikAPIDouble) -> None:
 def test_seed_004_compose_as_a_command_line(api: AuthentikAPIDouble, idp_doc: dict[str, Any], upstream: str, tmp_path: Path) -> None:
     """seed 004's docker-compose `environment:` block, and nothing else, on the command line."""
     api.set_providers([provider(idp_doc, "a", "a.example.test", upstream)])
-    http_port, https_port = free_port(), free_port()
+    http_port, https_port, metrics_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTHENTIK_", "OUTPOST_"))}
     env |= {"AUTHENTIK_HOST": api.url, "AUTHENTIK_INSECURE": "false", "AUTHENTIK_TOKEN": api.token,
-            "AUTHENTIK_LISTEN__HTTP": f"127.0.0.1:{http_port}", "AUTHENTIK_LISTEN__HTTPS": f"[::]:{https_port}", "HOME": str(tmp_path)}
+            "AUTHENTIK_LISTEN__HTTP": f"127.0.0.1:{http_port}", "AUTHENTIK_LISTEN__HTTPS": f"[::]:{https_port}",
+            "AUTHENTIK_LISTEN__METRICS": f"127.0.0.1:{metrics_port}", "HOME": str(tmp_path)}
     (tmp_path / "addons").symlink_to(ROOT / "addons")
     with Process([str(BIN / "mitmdump"), "-s", "addons/outpost.py"], port=http_port, env=env, cwd=tmp_path) as proc:
         assert proc.proc is not None
         eventually(lambda: httpx2.get(f"http://127.0.0.1:{http_port}/outpost.goauthentik.io/ping").status_code == 204)
         assert httpx2.get(f"http://127.0.0.1:{http_port}/x", headers={"Host": "a.example.test", "Accept": "text/html"}).status_code == 302
         assert httpx2.get(f"https://127.0.0.1:{https_port}/outpost.goauthentik.io/ping", verify=False).status_code == 204
+        assert httpx2.get(f"http://127.0.0.1:{metrics_port}/outpost.goauthentik.io/ping").status_code == 204
+        metrics = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert f'authentik_outpost_info{{build="",outpost_name="edge-outpost",outpost_type="proxy",uuid="{api.outpost_pk}"' in metrics
+        assert "authentik_outpost_last_update{" in metrics

@@ -19,7 +19,7 @@ def _run_with_config(config_text: str, tmp_path: Path, timeout: float = 30) -> s
     config.write_text(config_text)
     return subprocess.run(
         [str(BIN / "mitmdump"), "-s", str(ROOT / "addons/outpost.py"), "--set", f"outpost_config={config}",
-         "--set", f"outpost_http_port={free_port()}", "--set", "outpost_https_port=0", "--set", "listen_port=0",
+         "--set", f"outpost_http_port={free_port()}", "--set", "outpost_https_port=0", "--set", "listen_port=0", "--set", "metrics_port=0",
          "--set", f"confdir={tmp_path}"],
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )

@@ -118,7 +118,7 @@ class Outpost(Process):
             str(BIN / tool), "-s", str(ROOT / "addons/outpost.py"),
             "--set", f"outpost_config={self.config}",
             "--set", f"outpost_http_port={http_port}", "--set", f"outpost_https_port={https_port}",
-            "--set", "listen_port=0", "--set", f"confdir={self.config.parent}",
+            "--set", "listen_port=0", "--set", "metrics_port=0", "--set", f"confdir={self.config.parent}",
             *extra,
         ]
         super().__init__(args, port=http_port, env=env)
