@@ -181,6 +181,9 @@ class AuthentikSource:
             except InvalidToken as e:
                 print(f"mitm-outpost: {e}. Check AUTHENTIK_TOKEN.", file=sys.stderr)
                 os._exit(1)
+            except config.ConfigError as e:
+                logger.error("authentik's providers cannot be served: %s; retrying in %.0f s", e, STARTUP_RETRY)
+                await asyncio.sleep(STARTUP_RETRY)
             except Exception as e:
                 logger.warning("authentik at %s is not reachable yet (%s); retrying in %.0f s", api.settings.host, describe(e), STARTUP_RETRY)
                 await asyncio.sleep(STARTUP_RETRY)

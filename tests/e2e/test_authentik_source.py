@@ -230,3 +230,20 @@ def test_seed_004_compose_as_a_command_line(api: AuthentikAPIDouble, idp_doc: di
         metrics = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
         assert f'authentik_outpost_info{{build="",outpost_name="edge-outpost",outpost_type="proxy",uuid="{api.outpost_pk}"' in metrics
         assert "authentik_outpost_last_update{" in metrics
+
+
+def test_file_and_api_providers_together_and_a_conflict(api: AuthentikAPIDouble, idp: str, idp_doc: dict[str, Any], upstream: str) -> None:
+    api.set_providers([provider(idp_doc, "from-api", "api.example.test", upstream)])
+    outpost = ApiOutpost(api)
+    file_entry = {"name": "from-file", "external_host": "http://file.example.test", "internal_host": upstream,
+                  "issuer": idp, "client_id": "file", "client_secret": "file-secret"}
+    (outpost.dir / "absent.yaml").write_text(__import__("yaml").safe_dump({"providers": [file_entry]}))
+    with outpost:
+        eventually(outpost.ready)
+        assert outpost.get("api.example.test", "/x").status_code == 302
+        assert outpost.get("file.example.test", "/x").status_code == 302
+        eventually(lambda: api.connected >= 1)
+        api.set_providers([provider(idp_doc, "clash", "file.example.test", upstream)])
+        api.send_trigger_update()
+        eventually(lambda: "provider 'from-file' already serves file.example.test" in outpost.output)
+        assert outpost.get("api.example.test", "/x").status_code == 302  # the last good set keeps serving
