@@ -67,6 +67,8 @@ EXPLICIT_ENDPOINTS = ("authorization_endpoint", "token_endpoint", "jwks_uri")
 
 OUTPOST_FIELDS: dict[str, Field] = {
     "name": Field(str, default="mitm-outpost"),
+    "session_store": Field(str, default="memory"),  # or redis://, rediss://, unix:// (Valkey too)
+    "session_store_password": Field(str, default="", secret=True),
 }
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -76,6 +78,8 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 class OutpostConfig:
     name: str
     providers: tuple[dict[str, Any], ...] = field(default=())
+    session_store: str = "memory"
+    session_store_password: str = ""
 
 
 def load(path: str | os.PathLike[str]) -> OutpostConfig:
@@ -117,7 +121,10 @@ def parse(doc: Any, base: Path = Path(".")) -> OutpostConfig:
             raise ConfigError(f"{label}: field 'name': another provider already has this name")
         seen_names.add(values["name"])
         providers.append(values)
-    return OutpostConfig(name=outpost["name"], providers=tuple(providers))
+    store = outpost["session_store"]
+    if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("section 'outpost': field 'session_store': must be 'memory' or a redis://, rediss:// or unix:// URL")
+    return OutpostConfig(outpost["name"], tuple(providers), store, outpost["session_store_password"])
 
 
 def _check_fields(entry: dict, fields: dict[str, Field], label: str, base: Path) -> dict[str, Any]:

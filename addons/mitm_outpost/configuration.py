@@ -109,14 +109,28 @@ def parse_networks(values: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipadd
         raise exceptions.OptionsError(f"trusted_proxies: {e}") from None
 
 
-def build_providers(path: str) -> tuple[str, tuple[Provider, ...]]:
+def build_providers(path: str) -> tuple[config.OutpostConfig, tuple[Provider, ...]]:
     cfg = config.load(path)
-    return cfg.name, tuple(provider.build(entry, cfg.name) for entry in cfg.providers)
+    return cfg, tuple(provider.build(entry, cfg.name) for entry in cfg.providers)
+
+
+def make_store(cfg: config.OutpostConfig) -> SessionStore:
+    if cfg.session_store == "memory":
+        return MemoryStore()
+    from .redis_store import RedisStore
+
+    return RedisStore(cfg.session_store, cfg.session_store_password or None)
 
 
 class Configuration:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self.store_spec = ("memory", "")
+
+    def running(self) -> None:
+        start = getattr(self.registry.store, "start", None)
+        if start is not None:
+            start()
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -150,7 +164,11 @@ class Configuration:
                 logger.info("no %s: providers come from authentik only", path)
                 return
             try:
-                name, providers = build_providers(path)
+                cfg, providers = build_providers(path)
+                name = cfg.name
+                if (cfg.session_store, cfg.session_store_password) != self.store_spec:
+                    self.registry.store = make_store(cfg)
+                    self.store_spec = (cfg.session_store, cfg.session_store_password)
                 self.registry.replace(name, providers)
             except config.ConfigError as e:
                 if not self.registry.providers:

@@ -56,6 +56,7 @@ class Exchange:
     proxied: bool = False  # sent upstream (not answered by the outpost)
     skipped: bool = False  # an unauthenticated-path rule matched
     header_auth_failed: bool = False  # an Authorization header was tried and did not authenticate
+    deferred: bool = False  # an endpoint that needs the body answers in the `request` hook
     forward: tuple[ProxyKind, OriginalRequest] | None = None  # a forward-auth check, and what it asks about
 
 
@@ -75,7 +76,7 @@ def exchange_of(flow: http.HTTPFlow) -> Exchange | None:
 def undecided(flow: http.HTTPFlow) -> Exchange | None:
     """The exchange of a request that has a provider and no answer yet: what each addon works on."""
     exchange = _exchanges.get(flow)
-    if flow.response is not None or exchange is None or exchange.provider is None:
+    if flow.response is not None or exchange is None or exchange.provider is None or exchange.deferred:
         return None
     return exchange
 

@@ -7,14 +7,17 @@ verify) ends in a 400 page saying why, and a log line.
 import logging
 import urllib.parse
 
+from cachetools import TTLCache
 from mitmproxy import http
 
 from . import names, pages
 from .configuration import Registry
-from .decision import Exchange, Outcome, decide, note, undecided
+from .decision import Exchange, Outcome, decide, exchange_of, note, undecided
 from .login import LoginFailed, begin_login, finish_login
+from .oidc import TokenError
 from .provider import Provider
-from .session_check import load_session
+from .session_check import load_session, store_unavailable
+from .sessions import StoreUnavailable
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -32,6 +35,7 @@ def _rd(query: str) -> str:
 class Endpoints:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self.seen_logout_tokens: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=3600)  # jti replay guard
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         exchange = undecided(flow)
@@ -41,10 +45,48 @@ class Endpoints:
         if endpoint is None:
             return
         note(flow, endpoint=endpoint)
+        if endpoint == names.BACKCHANNEL_LOGOUT:
+            exchange.deferred = True  # its logout_token is in the body: answered in request()
+            return
         handler = {names.START: self.start, names.CALLBACK: self.callback, names.SIGN_OUT: self.sign_out}[endpoint]
-        await handler(flow, exchange, exchange.provider)
+        try:
+            await handler(flow, exchange, exchange.provider)
+        except StoreUnavailable as e:  # a login in progress cannot go on; starting again will work later
+            exchange.set_cookies.clear()
+            store_unavailable(flow, e)
         for cookie in exchange.set_cookies:
             flow.response.headers.add("Set-Cookie", cookie)  # type: ignore[union-attr]
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        exchange = exchange_of(flow)
+        if flow.response is not None or exchange is None or not exchange.deferred or exchange.provider is None:
+            return
+        exchange.deferred = False
+        try:
+            await self.backchannel_logout(flow, exchange.provider)
+        except StoreUnavailable as e:
+            store_unavailable(flow, e)
+
+    async def backchannel_logout(self, flow: http.HTTPFlow, provider: Provider) -> None:
+        """The IdP ends sessions server to server: every session of that `sid`, or of that user."""
+        form = flow.request.urlencoded_form if flow.request.method == "POST" else None
+        token = form.get("logout_token", "") if form is not None else ""
+        try:
+            claims = await provider.idp.verify_logout_token(token)
+            jti = f"{provider.name}:{claims['jti']}"
+            if jti in self.seen_logout_tokens:
+                raise TokenError("logout_token replayed (jti seen before)")
+            self.seen_logout_tokens[jti] = True
+        except TokenError as e:
+            flow.response = pages.json_error(400, "invalid_request", detail=str(e))
+            decide(flow, Outcome.DENIED, f"back-channel logout refused: {e}", logging.WARNING)
+            return
+        if claims.get("sid"):
+            ended = await self.registry.store.delete_idp_session(str(claims["sid"]))
+        else:
+            ended = await self.registry.store.delete_user(provider.name, str(claims["sub"]))
+        flow.response = pages.empty(200)
+        decide(flow, Outcome.ENDPOINT, f"back-channel logout: ended {ended} session(s)", logging.INFO)
 
     async def start(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
         rd = _rd(exchange.query)

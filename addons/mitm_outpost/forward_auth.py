@@ -17,6 +17,8 @@ from .forwarded import ProxyKind
 from .login import begin_login
 from .names import Mode
 from .provider import Provider
+from .session_check import store_unavailable
+from .sessions import StoreUnavailable
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -35,6 +37,9 @@ class ForwardAuth:
             return
         try:
             await self.answer(flow, exchange, exchange.provider)
+        except StoreUnavailable as e:
+            store_unavailable(flow, e)
+            return
         except Exception:
             logger.exception("provider %s: forward-auth decision failed; denying", exchange.provider.name)
             exchange.set_cookies.clear()

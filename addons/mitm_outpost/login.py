@@ -89,7 +89,7 @@ async def finish_login(registry: Registry, exchange: Exchange, provider: Provide
     raw_token = access_token if access_token.count(".") == 2 else id_token
     session = build_session(provider, verified, raw_token, id_token, registry.legacy_headers)
     if exchange.session_cookie:  # never carry a pre-login session over (fixation)
-        await registry.store.delete(exchange.session_cookie)
+        await registry.store.delete(provider.name, exchange.session_cookie)
     session_id = new_id()
     await registry.store.put(session_id, session)
     exchange.session = session

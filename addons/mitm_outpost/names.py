@@ -19,8 +19,9 @@ class Mode(StrEnum):
 # The outpost's own paths. The legacy prefix is the one of authentik < 2022.2 (seed 002).
 ENDPOINT_PREFIXES = ("/outpost.goauthentik.io/", "/akprox/")  # keep in step with LEGACY_PREFIX
 PING, LIVE, START, CALLBACK, SIGN_OUT = "ping", "live", "start", "callback", "sign_out"
+BACKCHANNEL_LOGOUT = "backchannel_logout"  # OIDC Back-Channel Logout 1.0 (POST logout_token)
 HEALTH = frozenset({PING, LIVE})  # answered for any host: readiness (ping) and liveness
-ENDPOINTS = frozenset({*HEALTH, START, CALLBACK, SIGN_OUT})
+ENDPOINTS = frozenset({*HEALTH, START, CALLBACK, SIGN_OUT, BACKCHANNEL_LOGOUT})
 CALLBACK_PATH = "/outpost.goauthentik.io/callback"
 LEGACY_PREFIX = "/akprox/"
 LEGACY_CALLBACK_PATH = "/akprox/callback"

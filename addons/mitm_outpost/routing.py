@@ -31,7 +31,7 @@ class Routing:
         path, _, query = flow.request.path.partition("?")
         exchange = begin(flow, path, query)
         if health := HEALTH_PATHS.get(path):
-            ready = health == names.LIVE or self.registry.ready
+            ready = health == names.LIVE or (self.registry.ready and self.registry.store.up)
             flow.response = pages.empty(204 if ready else 503)
             decide(flow, Outcome.ENDPOINT, health if ready else "ping: providers not loaded yet")
             return

@@ -5,7 +5,9 @@ import logging
 from mitmproxy import http
 
 from .configuration import Registry
-from .decision import Exchange, note, undecided
+from . import pages
+from .decision import Exchange, Outcome, decide, note, undecided
+from .sessions import StoreUnavailable
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -18,12 +20,19 @@ async def load_session(registry: Registry, exchange: Exchange) -> None:
     provider = exchange.provider
     if not cookie or provider is None or exchange.session is not None:
         return
-    session = await registry.store.get(cookie) if len(cookie) <= MAX_COOKIE_LENGTH else None
-    if session is None or session.provider != provider.name:
+    session = await registry.store.get(provider.name, cookie) if len(cookie) <= MAX_COOKIE_LENGTH else None
+    if session is None:
         exchange.session_cookie = ""
         exchange.set_cookies.append(provider.clear_cookie(provider.cookie_name))
         return
     exchange.session = session
+
+
+def store_unavailable(flow: http.HTTPFlow, error: Exception) -> None:
+    """Fail closed: without the store nobody can be checked, so nobody passes."""
+    flow.response = pages.page(503, "Service unavailable", "Sessions cannot be checked right now. Try again in a moment.")
+    flow.response.headers["Retry-After"] = "5"
+    decide(flow, Outcome.DENIED, f"session store unavailable: {error}", logging.WARNING)
 
 
 class SessionCheck:
@@ -35,7 +44,11 @@ class SessionCheck:
         if exchange is None:
             return
         had_cookie = bool(exchange.session_cookie)
-        await load_session(self.registry, exchange)
+        try:
+            await load_session(self.registry, exchange)
+        except StoreUnavailable as e:
+            store_unavailable(flow, e)
+            return
         if exchange.session is not None:
             note(flow, session="valid", user=exchange.session.username, uid=exchange.session.sub)
         else:

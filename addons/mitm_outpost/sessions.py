@@ -58,15 +58,20 @@ class PendingLogin:
     redirect_uri: str  # the callback URL the IdP was given (the token request repeats it)
 
 
+class StoreUnavailable(Exception):
+    """The store cannot answer (Redis down or slow): requests fail closed with 503."""
+
+
 class SessionStore(Protocol):
-    async def get(self, session_id: str) -> Session | None: ...
+    async def get(self, provider: str, session_id: str) -> Session | None: ...
     async def put(self, session_id: str, session: Session) -> None: ...
-    async def delete(self, session_id: str) -> None: ...
+    async def delete(self, provider: str, session_id: str) -> None: ...
     async def delete_user(self, provider: str, sub: str) -> int: ...
     async def delete_idp_session(self, idp_sid: str) -> int: ...
     async def put_login(self, state: str, login: PendingLogin) -> None: ...
     async def take_login(self, state: str) -> PendingLogin | None: ...
     def count(self) -> int: ...
+    up: bool  # false while the store cannot answer (readiness)
 
 
 class MemoryStore:
@@ -78,14 +83,18 @@ class MemoryStore:
         )
         self._logins: TTLCache[str, PendingLogin] = TTLCache(maxsize=max_logins, ttl=LOGIN_TTL)
 
-    async def get(self, session_id: str) -> Session | None:
-        return self._sessions.get(storage_key(session_id))
+    async def get(self, provider: str, session_id: str) -> Session | None:
+        session = self._sessions.get(storage_key(session_id))
+        return session if session is not None and session.provider == provider else None
 
     async def put(self, session_id: str, session: Session) -> None:
         self._sessions[storage_key(session_id)] = session
 
-    async def delete(self, session_id: str) -> None:
-        self._sessions.pop(storage_key(session_id), None)
+    async def delete(self, provider: str, session_id: str) -> None:
+        if await self.get(provider, session_id) is not None:
+            del self._sessions[storage_key(session_id)]
+
+    up = True
 
     async def delete_user(self, provider: str, sub: str) -> int:
         return self._delete_where(lambda s: s.provider == provider and s.sub == sub)

@@ -28,6 +28,8 @@ class Upstream:
         if flow.response is not None:
             return
         exchange = exchange_of(flow)
+        if exchange is not None and exchange.deferred:
+            return
         # The last gate: nothing leaves without a session or a matching rule, even if an
         # earlier addon failed with an exception (mitmproxy logs it and goes on).
         upstream = exchange.provider.upstream if exchange and exchange.provider else None

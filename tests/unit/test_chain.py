@@ -117,10 +117,10 @@ async def test_start_binds_state_to_the_browser(registry: Registry) -> None:
 async def test_sign_out_ends_all_sessions_of_the_user(registry: Registry) -> None:
     cookie = await logged_in(registry)
     p = registry.providers[0]
-    await registry.store.put("sid-2", await registry.store.get("sid-1"))  # a second browser
+    await registry.store.put("sid-2", await registry.store.get("app", "sid-1"))  # a second browser
     f = await run(registry, flow("/outpost.goauthentik.io/sign_out", headers={"Cookie": cookie}))
     assert f.response.status_code == 302 and f.response.headers["Location"].startswith("https://idp.example.test/logout?")
-    assert await registry.store.get("sid-1") is None and await registry.store.get("sid-2") is None
+    assert await registry.store.get("app", "sid-1") is None and await registry.store.get("app", "sid-2") is None
     assert any(c.startswith(f"{p.cookie_name}=; Max-Age=0") for c in f.response.headers.get_all("Set-Cookie"))
 
 

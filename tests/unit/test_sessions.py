@@ -11,7 +11,8 @@ async def test_sessions_expire_on_their_own() -> None:
     store = MemoryStore()
     await store.put("a", session(ttl=-1))
     await store.put("b", session())
-    assert await store.get("a") is None and await store.get("b") is not None
+    assert await store.get("p", "a") is None and await store.get("p", "b") is not None
+    assert await store.get("other-provider", "b") is None
     assert store.count() == 1
 
 
@@ -28,8 +29,8 @@ async def test_delete_user_and_idp_session() -> None:
     await store.put("3", session(provider="other", sub="alice"))
     await store.put("4", session(sub="bob", sid="s1"))
     assert await store.delete_user("p", "alice") == 2
-    assert await store.get("3") is not None
-    assert await store.delete_idp_session("s1") == 1 and await store.get("4") is None
+    assert await store.get("other", "3") is not None
+    assert await store.delete_idp_session("s1") == 1 and await store.get("p", "4") is None
     assert await store.delete_idp_session("") == 0
 
 

@@ -1,0 +1,181 @@
+"""Sessions shared by replicas, in Redis or Valkey (the `redis` package's asyncio client).
+
+Keys are namespaced per provider and expire in Redis by themselves. Two index sets, by user
+(`sub`) and by IdP session (`sid`), make "end every session of this user" one round trip
+(a Lua script), not a scan. Each replica keeps a short local cache so the hot path does not
+touch Redis; every deletion is published, and every replica drops the entry from its cache
+within a second. Logins in progress are shared too, so a callback may land on any replica.
+Every Redis failure becomes StoreUnavailable: the chain answers 503, never lets a request pass.
+"""
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as redis
+from cachetools import TTLCache
+
+from .sessions import LOGIN_TTL, PendingLogin, Session, StoreUnavailable, storage_key
+
+logger = logging.getLogger("mitm_outpost")
+
+PREFIX = "mo:"
+CHANNEL = PREFIX + "invalidate"
+TIMEOUT = 1.0  # seconds; a slow Redis is a down Redis for a proxy
+LOCAL_TTL = 5.0
+
+# Delete every session named in an index set, and the set: one round trip.
+_DELETE_INDEXED = """
+local members = redis.call('SMEMBERS', KEYS[1])
+for _, key in ipairs(members) do redis.call('DEL', key) end
+redis.call('DEL', KEYS[1])
+return members
+"""
+
+
+def session_key(provider: str, key: str) -> str:
+    return f"{PREFIX}{provider}:s:{key}"
+
+
+def encode(session: Session) -> str:
+    """Only what the headers and sign-out need; header bytes as latin-1 text, one JWT kept once."""
+    headers = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in session.headers]
+    jwt_value = next((v for n, v in headers if n == "X-authentik-jwt"), "")
+    return json.dumps({
+        "p": session.provider, "s": session.sub, "h": headers, "e": session.expires_at, "i": session.idp_sid,
+        "t": "=" if session.id_token and session.id_token == jwt_value else session.id_token,
+        "u": session.username, "b": session.backend, "be": session.backend_error,
+        "r": [r.decode("latin-1") for r in session.replaces],
+    }, separators=(",", ":"))
+
+
+def decode(raw: bytes | str) -> Session:
+    d = json.loads(raw)
+    headers = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in d["h"])
+    id_token = d["t"]
+    if id_token == "=":
+        id_token = next((v.decode("latin-1") for n, v in headers if n == b"X-authentik-jwt"), "")
+    return Session(
+        provider=d["p"], sub=d["s"], headers=headers, expires_at=d["e"], idp_sid=d["i"], id_token=id_token,
+        claims={"preferred_username": d["u"]}, backend=tuple(d["b"]) if d["b"] else None,  # type: ignore[arg-type]
+        backend_error=d["be"], replaces=frozenset(r.encode("latin-1") for r in d["r"]),
+    )
+
+
+class RedisStore:
+    def __init__(self, url: str, password: str | None = None) -> None:
+        self.client = redis.Redis.from_url(url, password=password, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
+                                           health_check_interval=10)
+        self.local: TTLCache[str, Session] = TTLCache(maxsize=100_000, ttl=LOCAL_TTL)
+        self._delete_indexed = self.client.register_script(_DELETE_INDEXED)
+        self._listener: asyncio.Task[None] | None = None
+        self.up = True  # readiness: false from a failed call until the next successful one
+
+    async def _call(self, coroutine: Any) -> Any:
+        try:
+            result = await coroutine
+        except (redis.RedisError, OSError, asyncio.TimeoutError) as e:
+            if self.up:
+                logger.error("redis: session store unavailable (%s); protected requests get 503", e)
+            self.up = False
+            raise StoreUnavailable(f"redis: {e}") from None
+        if not self.up:
+            logger.info("redis: session store is back")
+            self.up = True
+        return result
+
+    def start(self) -> None:
+        """Follow the invalidation channel and watch health (called once the event loop runs)."""
+        if self._listener is None:
+            self._listener = asyncio.create_task(asyncio.gather(self._follow_invalidations(), self._watch()))  # type: ignore[arg-type]
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self._call(self.client.ping())
+            except StoreUnavailable:
+                pass
+            await asyncio.sleep(1)
+
+    async def _follow_invalidations(self) -> None:
+        while True:
+            try:
+                pubsub = self.client.pubsub()
+                await pubsub.subscribe(CHANNEL)
+                self.local.clear()  # anything may have changed while we were not listening
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        for key in message["data"].decode().split(","):
+                            self.local.pop(key, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.local.clear()
+                logger.warning("redis: invalidation channel lost (%s); retrying", e)
+                await asyncio.sleep(1)
+
+    async def get(self, provider: str, session_id: str) -> Session | None:
+        key = session_key(provider, storage_key(session_id))
+        session = self.local.get(key)
+        if session is not None:
+            return session if session.expires_at > time.time() else None
+        raw = await self._call(self.client.get(key))
+        if raw is None:
+            return None
+        session = decode(raw)
+        self.local[key] = session
+        return session
+
+    async def put(self, session_id: str, session: Session) -> None:
+        key = session_key(session.provider, storage_key(session_id))
+        expire_at = int(session.expires_at) + 1
+        user_index = f"{PREFIX}{session.provider}:u:{session.sub}"
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(key, encode(session), exat=expire_at)
+            pipe.sadd(user_index, key)
+            pipe.expireat(user_index, expire_at, gt=True)
+            pipe.expireat(user_index, expire_at, nx=True)
+            if session.idp_sid:
+                sid_index = f"{PREFIX}sid:{session.idp_sid}"
+                pipe.sadd(sid_index, key)
+                pipe.expireat(sid_index, expire_at, gt=True)
+                pipe.expireat(sid_index, expire_at, nx=True)
+            await self._call(pipe.execute())
+
+    async def _forget(self, keys: list[str]) -> None:
+        for key in keys:
+            self.local.pop(key, None)
+        if keys:
+            await self._call(self.client.publish(CHANNEL, ",".join(keys)))
+
+    async def delete(self, provider: str, session_id: str) -> None:
+        key = session_key(provider, storage_key(session_id))
+        await self._call(self.client.delete(key))
+        await self._forget([key])
+
+    async def delete_user(self, provider: str, sub: str) -> int:
+        members = await self._call(self._delete_indexed(keys=[f"{PREFIX}{provider}:u:{sub}"]))
+        await self._forget([m.decode() for m in members])
+        return len(members)
+
+    async def delete_idp_session(self, idp_sid: str) -> int:
+        if not idp_sid:
+            return 0
+        members = await self._call(self._delete_indexed(keys=[f"{PREFIX}sid:{idp_sid}"]))
+        await self._forget([m.decode() for m in members])
+        return len(members)
+
+    async def put_login(self, state: str, login: PendingLogin) -> None:
+        value = json.dumps(dataclasses.asdict(login))
+        await self._call(self.client.set(f"{PREFIX}login:{storage_key(state)}", value, ex=LOGIN_TTL))
+
+    async def take_login(self, state: str) -> PendingLogin | None:
+        raw = await self._call(self.client.getdel(f"{PREFIX}login:{storage_key(state)}"))
+        return PendingLogin(**json.loads(raw)) if raw else None
+
+    def count(self) -> int:
+        return len(self.local)
+
