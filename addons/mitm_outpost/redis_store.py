@@ -71,7 +71,7 @@ class RedisStore:
                                            health_check_interval=10)
         self.local: TTLCache[str, Session] = TTLCache(maxsize=100_000, ttl=LOCAL_TTL)
         self._delete_indexed = self.client.register_script(_DELETE_INDEXED)
-        self._listener: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.up = True  # readiness: false from a failed call until the next successful one
 
     async def _call(self, coroutine: Any) -> Any:
@@ -89,8 +89,8 @@ class RedisStore:
 
     def start(self) -> None:
         """Follow the invalidation channel and watch health (called once the event loop runs)."""
-        if self._listener is None:
-            self._listener = asyncio.create_task(asyncio.gather(self._follow_invalidations(), self._watch()))  # type: ignore[arg-type]
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._follow_invalidations()), asyncio.create_task(self._watch())]
 
     async def _watch(self) -> None:
         while True:

@@ -228,3 +228,38 @@ def test_empty_answers_are_independent_copies() -> None:
     assert "X-authentik-username" not in second.headers
     assert (second.status_code, second.reason, second.content, second.headers["Cache-Control"]) == (200, "OK", b"", "no-store")
     assert pages.empty(403).reason == "Forbidden"
+
+
+async def test_back_channel_logout_token_rules(registry: Registry) -> None:
+    import jwt as pyjwt
+
+    p = registry.providers[0]
+    await logged_in(registry)
+    claims = {"iss": "https://idp.example.test", "aud": "app-client", "iat": int(time.time()), "jti": "j1", "sub": "u1",
+              "events": {"http://schemas.openid.net/event/backchannel-logout": {}}}
+
+    def post(token_claims: dict) -> http.HTTPFlow:
+        f = flow("/outpost.goauthentik.io/backchannel_logout")
+        f.request.method = "POST"
+        f.request.urlencoded_form = {"logout_token": pyjwt.encode(token_claims, "s3cret", algorithm="HS256")}
+        return f
+
+    addons = chain(registry)  # one outpost: its replay memory lasts across requests
+
+    async def run_full(f: http.HTTPFlow) -> http.HTTPFlow:
+        from mitmproxy.proxy.layers.http import HttpRequestHook
+
+        with taddons.context(*addons) as tctx:
+            await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(f))
+            assert f.response is None  # the body is needed: decided in the request hook
+            await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
+        return f
+
+    for bad in ({**claims, "nonce": "n"}, {k: v for k, v in claims.items() if k != "events"}, {**claims, "aud": "other"},
+                {k: v for k, v in claims.items() if k != "jti"}):
+        assert (await run_full(post(bad))).response.status_code == 400
+    assert await registry.store.get(p.name, "sid-1") is not None
+    assert (await run_full(post(claims))).response.status_code == 200
+    assert await registry.store.get(p.name, "sid-1") is None
+    replay = await run_full(post(claims))
+    assert replay.response.status_code == 400 and "replayed" in replay.comment
