@@ -8,7 +8,13 @@ on a 2-core VM, so only the ratio to bare mitmdump says what our addons cost):
   direct   load tool -> upstream                        (the machine's ceiling)
   bare     load tool -> mitmdump --mode reverse -> upstream (mitmproxy's own cost)
   outpost  load tool -> mitmdump -s addons/outpost.py -> upstream, with a signed-in session
-           cookie, so each request walks the whole addon chain and gets identity headers.
+           cookie, so each request walks the whole addon chain and gets identity headers; its provider
+           has 1 unauthenticated-path rule (skip_path_regex ^/public/)
+  outpost, 100 skip rules   the same with 100 anchored rules (^/public/section-<i>/), none matching
+           the benchmarked path: what a long skip list costs every request (target >= 0.95 of 1 rule)
+  outpost, header auth      no cookie: `Authorization: Bearer <JWT>`, an ID token the dev IdP issued to
+           the provider's client, verified locally (verify_bearer_jwt_locally); after the first request
+           (the warm-up) every request is answered from the header-auth cache.
 
 and forward auth (when nginx is installed), nginx configured like docs/forward-auth/nginx-single.conf
 plus keep-alive to the auth server and to the upstream:
@@ -330,6 +336,8 @@ class Load:
         for header in headers:
             if header.startswith("Cookie:"):
                 shown = shown.replace(header, "Cookie: <session>")
+            elif header.startswith("Authorization: Bearer "):
+                shown = shown.replace(header, "Authorization: Bearer <JWT>")
         result = self._parse_wrk(out) if self.wrk else self._parse_h2load(out)
         result.name, result.command, result.cpu = name, shown, cpu
         return result
@@ -365,15 +373,30 @@ OUTPOST_CONFIG = """\
 outpost:
   name: mitm-outpost bench
 providers:
-  - name: bench
+  - name: {name}
     mode: proxy
     external_host: http://{host}:{port}
     internal_host: http://{host}:{upstream}
     issuer: http://{host}:{idp}
-    client_id: bench-client
+    client_id: {name}-client
     client_secret: bench-secret
     access_token_validity: 3600
-"""
+{extra}"""
+
+SKIP_PATH = "/public/"  # the one rule of the signed-in outpost: ^/public/ (never the benchmarked /bench)
+SKIP_RULES = 100  # the many-rules outpost: ^/public/section-<i>/ for i < SKIP_RULES, none matching /bench
+
+
+def skip_rules_yaml(count: int) -> str:
+    """`skip_path_regex` with `count` distinct anchored rules, none of which matches /bench."""
+    if count == 1:
+        return f'    skip_path_regex: "^{SKIP_PATH}"\n'
+    return "    skip_path_regex: |\n" + "".join(f"      ^{SKIP_PATH}section-{i}/\n" for i in range(count))
+
+
+def skipped_path(count: int) -> str:
+    """A path the last of `count` rules lets through without identity (proves the rules were loaded)."""
+    return f"{SKIP_PATH}x" if count == 1 else f"{SKIP_PATH}section-{count - 1}/x"
 
 
 OUTPOST_FORWARD_CONFIG = """\
@@ -413,6 +436,28 @@ def log_in(origin: str, transport: httpx2.BaseTransport | None = None) -> str:
     if len(cookies) != 1:
         sys.exit(f"login: expected one session cookie authentik_proxy_<8hex>, got {cookies}")
     return cookies[0]
+
+
+def id_token(idp: str, client_id: str, client_secret: str = "bench-secret") -> str:
+    """An ID token for alice issued by the dev IdP to `client_id`, got by an authorization-code flow by
+    hand: POST sub=alice to the authorize endpoint -> 302 redirect_uri?code= -> token endpoint."""
+    redirect_uri = "http://127.0.0.1:9/bench-callback"  # never followed
+    with httpx2.Client(follow_redirects=False, timeout=10) as client:
+        meta = client.get(idp + "/.well-known/openid-configuration").json()
+        query = {"response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri,
+                 "scope": "openid profile email", "state": "bench", "nonce": "bench"}
+        r = client.post(meta["authorization_endpoint"], params=query, data={"sub": USER})
+        location = r.headers.get("location", "")
+        code = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query).get("code", [""])[0]
+        if r.status_code != 302 or not location.startswith(redirect_uri) or not code:
+            sys.exit(f"id token: authorize answered {r.status_code} -> {location!r}, expected a 302 to "
+                     f"{redirect_uri}?code=...\n{r.text[:500]}")
+        r = client.post(meta["token_endpoint"], auth=(client_id, client_secret),
+                        data={"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri})
+        token = r.json().get("id_token") if r.status_code == 200 else None
+        if not token:
+            sys.exit(f"id token: token endpoint answered {r.status_code}: {r.text[:500]}")
+    return token
 
 
 def check_proxied(url: str, headers: tuple[str, ...] | list[str], user: str = USER) -> None:
@@ -456,6 +501,15 @@ def report(rounds: dict[str, list[Result]], info: dict[str, str]) -> None:
     print("\n| ratio (req/s) | value | per round | target |")
     print("|---|---:|---|---|")
     print(f"| outpost / bare mitmdump | {ratio:.2f} | {per_round} | >= 0.90 {'✓' if ratio >= 0.9 else '✗'} |")
+    if "outpost_skip" in results:
+        skip = results["outpost_skip"].rps / outpost.rps
+        per_round = ", ".join(f"{m.rps / o.rps:.2f}" for m, o in zip(rounds["outpost_skip"], rounds["outpost"]))
+        print(f"| outpost: {SKIP_RULES} skip rules / 1 rule | {skip:.2f} | {per_round} "
+              f"| >= 0.95 {'✓' if skip >= 0.95 else '✗'} |")
+    if "outpost_header" in results:
+        header = results["outpost_header"].rps / outpost.rps
+        per_round = ", ".join(f"{h.rps / o.rps:.2f}" for h, o in zip(rounds["outpost_header"], rounds["outpost"]))
+        print(f"| outpost: header auth (warm cache) / signed-in cookie | {header:.2f} | {per_round} | – |")
     if "fwd_outpost" in results:
         fwd = results["fwd_outpost"].rps / results["fwd_bare"].rps
         per_round = ", ".join(f"{o.rps / b.rps:.2f}" for o, b in zip(rounds["fwd_outpost"], rounds["fwd_bare"]))
@@ -464,6 +518,11 @@ def report(rounds: dict[str, list[Result]], info: dict[str, str]) -> None:
               f"| >= 1.0 (goal >= 2.0) {mark} |")
     print(f"| bare mitmdump / direct | {bare.rps / direct.rps:.4f} | | – |")
     print(f"| outpost / direct | {outpost.rps / direct.rps:.4f} | | – |")
+    if "outpost_header" in results:
+        h = results["outpost_header"]
+        print(f"\nHeader auth (warm cache): {h.rps:,.0f} req/s, p99 {fmt(h.p99_ms, '.2f', ' ms')}, "
+              f"{h.rps / outpost.rps:.2f} × the signed-in cookie row ({outpost.rps:,.0f} req/s, "
+              f"p99 {fmt(outpost.p99_ms, '.2f', ' ms')}).")
     print("\nCommands (ports are picked per run):\n")
     for r in results.values():
         print(f"- {r.name}: `{r.command}`\n  against `{r.server}`")
@@ -486,21 +545,22 @@ def profile(args: argparse.Namespace, procs: Processes, pid: int) -> subprocess.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 s per measurement, 1 s warm-up: five setups, three "
-                        "rounds, whole run < 1 min (an explicit --duration/--warmup wins)")
+    parser.add_argument("--quick", action="store_true", help="2 s per measurement, 1 s warm-up, 2 rounds: seven "
+                        "setups, whole run about 1 min (an explicit --duration/--warmup/--rounds wins)")
     parser.add_argument("--duration", type=int, help="seconds per measurement (default 10)")
     parser.add_argument("--warmup", type=int, help="seconds of discarded load before each measurement (default 3)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the measurements; medians are "
-                        "reported, since a neighbour's burst of CPU can halve one measurement (default 3)")
+    parser.add_argument("--rounds", type=int, help="rounds of the measurements; medians are "
+                        "reported, since a neighbour's burst of CPU can halve one measurement (default 3, --quick 2)")
     parser.add_argument("--connections", type=int, default=16, help="open connections (default 16, as in spec §7)")
     parser.add_argument("--threads", type=int, default=1, help="load tool threads (default 1)")
     parser.add_argument("--load-tool", choices=["auto", "wrk", "h2load"], default="auto", help="default: wrk if installed")
     parser.add_argument("--profile", metavar="FILE", help="record the outpost (see --profile-setup) under load "
                         "(first round) with py-spy "
                         "(.venv/bin/pip install py-spy) into FILE: .svg flame graph, .txt collapsed stacks, else speedscope JSON")
-    parser.add_argument("--profile-setup", choices=["outpost", "fwd_outpost", "bare", "fwd_bare"], default="outpost",
+    parser.add_argument("--profile-setup", choices=["outpost", "outpost_skip", "outpost_header", "fwd_outpost", "bare", "fwd_bare"], default="outpost",
                         help="which process --profile records: the outpost in proxy mode (default), the outpost "
-                        "behind nginx auth_request, or the bare mitmdump of either, for comparison")
+                        "behind nginx auth_request, the outpost with 100 skip rules or with header auth, or the bare mitmdump of "
+                        "either mode, for comparison")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
@@ -509,6 +569,7 @@ def main() -> None:
     quick = (2, 1) if args.quick else (10, 3)
     args.duration = quick[0] if args.duration is None else args.duration
     args.warmup = quick[1] if args.warmup is None else args.warmup
+    args.rounds = (2 if args.quick else 3) if args.rounds is None else args.rounds
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the children
 
     load = Load(args.connections, args.threads, args.load_tool)
@@ -539,6 +600,25 @@ def addons_mtime() -> float:
     return max((f.stat().st_mtime for f in (ROOT / "addons").rglob("*.py")), default=0.0)
 
 
+# The outpost's metrics listener (authentik's 9300, on every interface by default) is off: several
+# outposts run at once here, and nothing of the bench listens beyond loopback.
+NO_METRICS = ("--set", "metrics_port=0")
+
+
+def start_outpost(procs: Processes, tmp: Path, name: str, mitmdump: str, confdir: str, up_port: int,
+                  idp_port: int, skip_rules: int, extra: str) -> tuple[subprocess.Popen, list[str], str]:
+    """An outpost with one proxy provider `name` (client `<name>-client`) in front of the upstream,
+    `skip_rules` unauthenticated-path rules and the provider settings in `extra` (YAML lines)."""
+    port = free_port()
+    config = tmp / f"{name}.yaml"
+    config.write_text(OUTPOST_CONFIG.format(name=name, host=HOST, port=port, upstream=up_port, idp=idp_port,
+                                            extra=skip_rules_yaml(skip_rules) + extra))
+    argv = [mitmdump, "-q", "-s", "addons/outpost.py", "--set", confdir, "--set", f"outpost_config={config}",
+            "--set", f"outpost_http_port={port}", "--set", "outpost_https_port=0",
+            "--set", f"outpost_listen_host={HOST}", "--set", "listen_port=0", *NO_METRICS]
+    return procs.start(name, argv), argv, f"http://{HOST}:{port}"
+
+
 def start_forward_auth(procs: Processes, tmp: Path, nginx: str, mitmdump: str, confdir: str,
                        up_port: int, idp_port: int) -> dict[str, Setup]:
     """nginx (docs/forward-auth/nginx-single.conf + keep-alive) in front of the upstream, twice:
@@ -557,7 +637,7 @@ def start_forward_auth(procs: Processes, tmp: Path, nginx: str, mitmdump: str, c
     config.write_text(OUTPOST_FORWARD_CONFIG.format(domain=FORWARD_DOMAIN, port=outpost_front, host=HOST, idp=idp_port))
     outpost_argv = [mitmdump, "-q", "-s", "addons/outpost.py", "--set", confdir, "--set", f"outpost_config={config}",
                     "--set", f"outpost_http_port={outpost_port}", "--set", "outpost_https_port=0",
-                    "--set", f"outpost_listen_host={HOST}", "--set", "listen_port=0"]
+                    "--set", f"outpost_listen_host={HOST}", "--set", "listen_port=0", *NO_METRICS]
     outpost = procs.start("fwd-outpost", outpost_argv)
     wait_http(f"http://{HOST}:{bare_port}/", procs, bare)
     wait_http(f"http://{HOST}:{outpost_port}/outpost.goauthentik.io/ping", procs, outpost, expect=204)
@@ -588,7 +668,7 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
     """Start all servers, sign in, then measure direct, bare, outpost (and the two forward-auth
     setups when nginx is installed) in turn, `--rounds` times.
     The servers not under load sit idle in epoll, so they cost the measured one nothing."""
-    up_port, bare_port, outpost_port, idp_port = (free_port() for _ in range(4))
+    up_port, bare_port, idp_port = (free_port() for _ in range(3))
     mitmdump = str(VENV_BIN / "mitmdump")
     mtime = addons_mtime()
     confdir = f"confdir={tmp / 'mitm'}"  # a private CA and default cert: nothing lands in ~/.mitmproxy
@@ -603,23 +683,33 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
     idp = procs.start("idp", [str(VENV_BIN / "oidc-provider-mock"), "--port", str(idp_port),
                               "--user-claims-file", "scripts/demo/users.yaml"])
     wait_http(f"http://{HOST}:{idp_port}/.well-known/openid-configuration", procs, idp)
-    config = tmp / "outpost.yaml"
-    config.write_text(OUTPOST_CONFIG.format(host=HOST, port=outpost_port, upstream=up_port, idp=idp_port))
-    outpost_argv = [mitmdump, "-q", "-s", "addons/outpost.py", "--set", confdir, "--set", f"outpost_config={config}",
-                    "--set", f"outpost_http_port={outpost_port}", "--set", "outpost_https_port=0",
-                    "--set", f"outpost_listen_host={HOST}", "--set", "listen_port=0"]
-    outpost = procs.start("outpost", outpost_argv)
-    origin = f"http://{HOST}:{outpost_port}"
-    wait_http(origin + "/outpost.goauthentik.io/ping", procs, outpost, expect=204)
-    cookie = log_in(origin)
-    check_proxied(origin + "/bench", [f"Cookie: {cookie}"])
-    print(f"signed in as {USER}: session cookie {cookie.split('=')[0]}, upstream answers 'hello {USER}'", flush=True)
-
+    # Three outposts, one provider each, alike but for: the signed-in one has 1 skip rule, the second
+    # SKIP_RULES of them (what a long list of unauthenticated paths costs a request none matches), the
+    # third verifies bearer JWTs locally (header auth, no cookie). Started together, waited for in turn.
+    outposts = {key: start_outpost(procs, tmp, key, mitmdump, confdir, up_port, idp_port, rules, extra)
+                for key, rules, extra in (("outpost", 1, ""), ("outpost_skip", SKIP_RULES, ""),
+                                          ("outpost_header", 1, "    verify_bearer_jwt_locally: true\n"))}
+    for key, (proc, _, origin) in outposts.items():
+        wait_http(origin + "/outpost.goauthentik.io/ping", procs, proc, expect=204)
     setups = {
         "direct": Setup("direct (upstream)", upstream + "/bench", upstream_argv, count_non_200=False),
         "bare": Setup("bare mitmdump", f"http://{HOST}:{bare_port}/bench", bare_argv, bare.pid),
-        "outpost": Setup("outpost (signed in)", origin + "/bench", outpost_argv, outpost.pid, (f"Cookie: {cookie}",)),
     }
+    for key, label, rules in (("outpost", "outpost (signed in)", 1),
+                              ("outpost_skip", f"outpost, {SKIP_RULES} skip rules (signed in)", SKIP_RULES)):
+        proc, argv, origin = outposts[key]
+        check_proxied(origin + skipped_path(rules), [], user="")  # the rules are loaded: no login, no identity
+        cookie = log_in(origin)  # /bench itself is not skipped: it redirects to the login
+        check_proxied(origin + "/bench", [f"Cookie: {cookie}"])
+        print(f"{label}: signed in as {USER}, session cookie {cookie.split('=')[0]}, upstream answers "
+              f"'hello {USER}'; {skipped_path(rules)} passes without login", flush=True)
+        setups[key] = Setup(label, origin + "/bench", argv, proc.pid, (f"Cookie: {cookie}",))
+    proc, argv, origin = outposts["outpost_header"]
+    bearer = f"Authorization: Bearer {id_token(f'http://{HOST}:{idp_port}', 'outpost_header-client')}"
+    check_proxied(origin + "/bench", [bearer])  # verifies the JWT and fills the cache the load then hits
+    print(f"header auth: an ID token of the IdP for outpost_header-client, sent as a bearer token without a "
+          f"cookie, upstream answers 'hello {USER}'", flush=True)
+    setups["outpost_header"] = Setup("outpost, header auth (warm cache)", origin + "/bench", argv, proc.pid, (bearer,))
     nginx = find_nginx()
     if nginx:
         setups.update(start_forward_auth(procs, tmp, nginx, mitmdump, confdir, up_port, idp_port))
@@ -638,15 +728,15 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
             r.server = shlex.join(s.server) if not s.via else f"{shlex.join(s.via)}` asking `{shlex.join(s.server)}"
             rounds[key].append(r)
             print(f"  {r.rps:,.0f} req/s, p99 {fmt(r.p99_ms, '.2f', ' ms')}{', ' + r.errors if r.errors else ''}", flush=True)
-            if any(h.startswith("Cookie:") for h in s.headers) and "not 200" in r.errors:
+            if any(h.startswith(("Cookie:", "Authorization:")) for h in s.headers) and "not 200" in r.errors:
                 changed = " addons/ changed during the run (mitmdump reloads addons/outpost.py when it changes, " \
                           "which drops the sessions)." if addons_mtime() != mtime else ""
-                sys.exit(f"{s.label}: {r.errors}: the session stopped working, so this measured something else "
-                         f"(login redirects?).{changed}")
+                sys.exit(f"{s.label}: {r.errors}: the session (or bearer token) stopped working, so this measured "
+                         f"something else (login redirects, 401s?).{changed}")
             if spy:
                 spy.wait(30)
                 print(f"  profile of {s.label} under load: {args.profile}", flush=True)
-    for key in ("outpost", "fwd_outpost"):  # still signed in: no number came from login redirects
+    for key in ("outpost", "outpost_skip", "outpost_header", "fwd_outpost"):  # still signed in: no number came from login redirects
         if key in setups:
             check_proxied(setups[key].url, setups[key].headers)
     if addons_mtime() != mtime:
@@ -657,9 +747,14 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
         "load average before the run": loadavg,
         "upstream": upstream_kind,
         "load tool": f"{load.version()}, {args.threads} thread(s), {args.connections} connections, "
-                     f"{args.warmup} s warm-up + {args.duration} s per measurement, {args.rounds} round(s), median shown",
+                     f"{args.warmup} s warm-up + {args.duration} s per measurement, {args.rounds} round(s), "
+                     + ("median shown" if args.rounds != 2 else "the slower of the 2 rounds shown (--quick: 2 rounds)"),
         "mitmproxy": f"{mitmproxy.version.VERSION}, Python {sys.version.split()[0]}",
     }
+    info["skip rules"] = (f"the signed-in outpost's provider has 1 rule (`^{SKIP_PATH}`), the other {SKIP_RULES} "
+                          f"(`^{SKIP_PATH}section-<i>/`, i < {SKIP_RULES}); none matches /bench")
+    info["header auth"] = ("provider with `verify_bearer_jwt_locally: true`, `Authorization: Bearer <ID token of the IdP "
+                           "for its client>` and no cookie; the warm-up fills the cache (header_auth_cache_ttl default)")
     if "fwd_outpost" in setups:
         info["forward auth"] = (f"nginx (1 worker) with {FORWARD_TEMPLATE.relative_to(ROOT)}, except `upstream {{ keepalive "
                                 f"{KEEPALIVE}; }}` to the auth server and to the upstream, HTTP/1.1 and `Connection: \"\"` "

@@ -25,7 +25,7 @@ from tests.support.authentik_api import (
     make_provider,
     self_signed_certificate,
 )
-from tests.support.processes import BIN, ROOT, Process, browser, free_port, mock_login
+from tests.support.processes import BIN, ROOT, Process, browser, free_port
 
 
 def eventually(check: Callable[[], bool], timeout: float = 20.0) -> None:

@@ -95,7 +95,7 @@ def setup(request: pytest.FixtureRequest, idp: str, upstream: str) -> Iterator[S
         "name": f"fwd-{mode}", "client_id": client_id, "client_secret": "fwd-secret", "issuer": idp,
         "mode": f"forward_{mode}",
         "external_host": f"http://{'app' if mode == 'single' else 'auth'}.{DOMAIN}:{proxy_port}",
-        "skip_path_regex": "^/headers/public$" if mode == "single" else rf"^http://b\.example\.test:\d+/headers/public$",
+        "skip_path_regex": "^/headers/public$" if mode == "single" else r"^http://b\.example\.test:\d+/headers/public$",
     }
     if mode == "domain":
         entry["cookie_domain"] = DOMAIN
