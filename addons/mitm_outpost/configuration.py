@@ -30,6 +30,7 @@ class Registry:
     outpost_name: str = "mitm-outpost"
     providers: tuple[Provider, ...] = ()
     by_host: dict[str, Provider] = field(default_factory=dict)
+    by_name: dict[str, Provider] = field(default_factory=dict)
     store: SessionStore = field(default_factory=MemoryStore)
     legacy_headers: bool = True
     unverified_upstreams: set[tuple[str, int]] = field(default_factory=set)  # grows with ak_proxy backends
@@ -79,6 +80,7 @@ class Registry:
         providers = combined
         self.sources = sources
         self.outpost_name, self.providers, self.by_host = outpost_name, providers, by_host
+        self.by_name = {p.name: p for p in providers}
         for callback in self.on_change:
             callback()
         hostnames = [p.hostname for p in providers]

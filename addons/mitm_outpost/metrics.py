@@ -8,26 +8,29 @@ import asyncio
 import logging
 import time
 
-from mitmproxy import ctx
+from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, names
 from .configuration import Registry
+from .decision import METADATA_KEY
 from .listeners import listen_env
+from .telemetry import CALLBACK_FAILURES, DECISIONS, INFO, LAST_UPDATE, LOGINS, PROMETHEUS, REQUESTS, SESSIONS, UPSTREAM
+
+# Label values come from configuration or from short fixed lists, never from client input.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+
 
 logger = logging.getLogger("mitm_outpost")
 
-OUTPOST_LABELS = ("outpost_name", "outpost_type", "uuid", "version", "build")
 PING_PATHS = frozenset(prefix + names.PING for prefix in names.ENDPOINT_PREFIXES)
 
 
 class Metrics:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.prometheus = CollectorRegistry()
-        self.info = Gauge("authentik_outpost_info", "Outpost info", OUTPOST_LABELS, registry=self.prometheus)
-        self.last_update = Gauge("authentik_outpost_last_update", "Time of the last provider update", OUTPOST_LABELS, registry=self.prometheus)
+        SESSIONS.set_function(lambda: registry.store.count())
         self.server: asyncio.Server | None = None
         registry.on_change.append(self.providers_changed)
 
@@ -39,10 +42,34 @@ class Metrics:
 
     def providers_changed(self) -> None:
         labels = (self.registry.outpost_name, "proxy", self.registry.outpost_uuid, __version__, "")
-        self.info.clear()
-        self.last_update.clear()
-        self.info.labels(*labels).set(1)
-        self.last_update.labels(*labels).set(time.time())
+        INFO.clear()
+        LAST_UPDATE.clear()
+        INFO.labels(*labels).set(1)
+        LAST_UPDATE.labels(*labels).set(time.time())
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        record = flow.metadata.get(METADATA_KEY)
+        if not record:
+            return
+        provider = self.registry.by_name.get(record.get("provider", ""))
+        host = provider.external_origin.split("//", 1)[1] if provider else ""
+        method = flow.request.method if flow.request.method in METHODS else "OTHER"
+        outcome = record.get("outcome", "")
+        name = self.registry.outpost_name
+        end = flow.response.timestamp_end if flow.response and flow.response.timestamp_end else time.time()
+        kind = "ping" if record.get("reason") in (names.PING, names.LIVE) else "app"
+        REQUESTS.labels(name, method, host, kind).observe(end - flow.request.timestamp_start)
+        if provider is not None:
+            DECISIONS.labels(provider.name, outcome).inc()
+            reason = record.get("reason", "")
+            if reason.startswith("callback: signed in"):
+                LOGINS.labels(provider.name).inc()
+            elif reason.startswith("callback: "):
+                CALLBACK_FAILURES.labels(provider.name, reason.removeprefix("callback: ")[:80]).inc()
+            if outcome in ("allowed", "skipped") and flow.response and flow.response.timestamp_start and flow.request.timestamp_end:
+                upstream = provider.upstream
+                UPSTREAM.labels(name, method, upstream.scheme if upstream else "", host,
+                                     upstream.host_header if upstream else "").observe(flow.response.timestamp_start - flow.request.timestamp_end)
 
     async def running(self) -> None:
         if ctx.options.metrics_port:
@@ -61,7 +88,7 @@ class Metrics:
             parts = request_line.split()
             path = parts[1].decode("latin-1").partition("?")[0] if len(parts) >= 2 else ""
             if path == "/metrics":
-                status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(self.prometheus)
+                status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(PROMETHEUS)
             elif path in PING_PATHS:
                 status, content_type, body = ("204 No Content" if self.registry.ready else "503 Service Unavailable"), "text/plain", b""
             else:

@@ -17,6 +17,8 @@ import jwt
 from authlib.common.security import generate_token
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 
+from .telemetry import IDP_LATENCY
+
 logger = logging.getLogger(__name__)
 
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
@@ -65,7 +67,8 @@ class JWKSCache:
             if kid not in self.keys:
                 await asyncio.sleep(max(0.0, self.fetched_at + JWKS_REFRESH_MIN_INTERVAL - time.monotonic()))
                 async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, verify=self.verify_tls) as client:
-                    response = await client.get(self.uri)
+                    with IDP_LATENCY.labels("jwks").time():
+                        response = await client.get(self.uri)
                     response.raise_for_status()
                     self.load(response.json())
                 logger.info("fetched JWKS from %s (%d keys)", self.uri, len(self.keys))
@@ -178,9 +181,10 @@ class IdentityProvider:
     async def exchange_code(self, code: str, code_verifier: str, redirect_uri: str) -> dict[str, Any]:
         async with self._client(redirect_uri) as client:
             try:
-                token = await client.fetch_token(
-                    self.token_endpoint, grant_type="authorization_code", code=code, code_verifier=code_verifier
-                )
+                with IDP_LATENCY.labels("token").time():
+                    token = await client.fetch_token(
+                        self.token_endpoint, grant_type="authorization_code", code=code, code_verifier=code_verifier
+                    )
             except Exception as e:
                 raise TokenError(f"token exchange at {self.token_endpoint} failed: {e}") from None
         return dict(token)
@@ -191,7 +195,8 @@ class IdentityProvider:
             raise TokenError("the issuer has no introspection endpoint")
         async with self._client("") as client:
             try:
-                response = await client.introspect_token(self.introspection_endpoint, token=token)
+                with IDP_LATENCY.labels("introspection").time():
+                    response = await client.introspect_token(self.introspection_endpoint, token=token)
                 answer = response.json() if response.status_code == 200 else None
             except Exception as e:
                 raise TokenError(f"introspection at {self.introspection_endpoint} failed: {e}") from None
@@ -201,7 +206,8 @@ class IdentityProvider:
 
     async def userinfo(self, token: str) -> dict[str, Any]:
         async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, verify=self.verify_tls) as client:
-            response = await client.get(self.userinfo_endpoint, headers={"Authorization": f"Bearer {token}"})
+            with IDP_LATENCY.labels("userinfo").time():
+                response = await client.get(self.userinfo_endpoint, headers={"Authorization": f"Bearer {token}"})
         if response.status_code != 200:
             raise TokenError(f"userinfo answered {response.status_code}")
         answer = response.json()
@@ -215,7 +221,8 @@ class IdentityProvider:
                 "password": password, "scope": scope}
         async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT, verify=self.verify_tls) as client:
             try:
-                response = await client.post(self.token_endpoint, data=form)
+                with IDP_LATENCY.labels("client_credentials").time():
+                    response = await client.post(self.token_endpoint, data=form)
                 answer = response.json()
             except Exception as e:
                 raise TokenError(f"client_credentials at {self.token_endpoint} failed: {e}") from None

@@ -1,0 +1,54 @@
+"""The AccessLog addon: one structured line per request, read from the decision record.
+
+Never cookies, tokens, codes or query strings: the path is logged without its query and
+the user as the `sub` (uid), never by e-mail or name.
+"""
+
+import json
+import logging
+import time
+
+from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
+
+from .decision import METADATA_KEY
+
+access_logger = logging.getLogger("mitm_outpost.access")
+FORMATS = ("json", "text", "off")
+
+
+class AccessLog:
+    def load(self, loader: Loader) -> None:
+        loader.add_option("outpost_access_log", str, "json", "One line per request: json, text or off.", choices=FORMATS)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.write(flow, flow.response.status_code if flow.response else 0)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.write(flow, flow.response.status_code if flow.response else 502)
+
+    def write(self, flow: http.HTTPFlow, status: int) -> None:
+        style = ctx.options.outpost_access_log
+        if style == "off":
+            return
+        record = flow.metadata.get(METADATA_KEY) or {}
+        request, response = flow.request, flow.response
+        end = (response.timestamp_end if response and response.timestamp_end else None) or time.time()
+        line = {
+            "time": round(time.time(), 3),
+            "provider": record.get("provider", ""),
+            "method": request.method,
+            "host": request.headers.get("X-Forwarded-Host") if record.get("outcome") in ("allowed", "skipped") else request.host_header,
+            "path": request.path.partition("?")[0][:2048],
+            "status": status,
+            "decision": record.get("outcome", ""),
+            "reason": record.get("reason", "")[:200],
+            "uid": record.get("uid", ""),
+            "duration_ms": round((end - request.timestamp_start) * 1000, 2),
+        }
+        if response is not None and record.get("outcome") in ("allowed", "skipped") and response.timestamp_start and request.timestamp_end:
+            line["upstream_ms"] = round((response.timestamp_start - request.timestamp_end) * 1000, 2)
+        if style == "json":
+            access_logger.info(json.dumps(line, separators=(",", ":")))
+        else:
+            access_logger.info(" ".join(f"{k}={v}" for k, v in line.items()))

@@ -1,0 +1,64 @@
+"""The Lifecycle addon: SIGHUP reloads the configuration, SIGTERM drains and exits.
+
+A reload that finds a bad file is refused with a log line and the old configuration keeps
+serving. SIGTERM stops accepting connections, lets the requests in flight finish (up to
+`outpost_drain_timeout` seconds), then shuts down.
+"""
+
+import asyncio
+import logging
+import signal
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+
+from .configuration import Registry
+
+logger = logging.getLogger("mitm_outpost")
+
+
+class Lifecycle:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option("outpost_drain_timeout", int, 30, "Seconds SIGTERM waits for requests in flight.")
+
+    def running(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain()))
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finished()
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finished()
+
+    def _finished(self) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
+        if not self.in_flight:
+            self.idle.set()
+
+    def reload(self) -> None:
+        logger.info("SIGHUP: reloading %s", ctx.options.outpost_config)
+        try:
+            ctx.options.update(outpost_config=ctx.options.outpost_config)
+        except exceptions.OptionsError as e:
+            logger.error("reload refused, the previous configuration keeps serving: %s", e)
+
+    async def drain(self) -> None:
+        logger.info("SIGTERM: no new connections; waiting for %d request(s) in flight", self.in_flight)
+        ctx.options.update(mode=[])  # closes the listeners; open connections go on
+        if self.in_flight:
+            try:
+                await asyncio.wait_for(self.idle.wait(), ctx.options.outpost_drain_timeout)
+            except TimeoutError:
+                logger.warning("drain timeout: %d request(s) cut off", self.in_flight)
+        ctx.master.shutdown()

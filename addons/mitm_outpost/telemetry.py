@@ -1,0 +1,23 @@
+"""The outpost's Prometheus metrics, defined once per process (a script reload keeps them).
+
+Names follow authentik's outpost where it has one. Label values come from configuration or
+short fixed lists, never from client input: authentik labels by client-sent host, which
+makes cardinality unbounded.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PROMETHEUS = CollectorRegistry()
+OUTPOST_LABELS = ("outpost_name", "outpost_type", "uuid", "version", "build")
+
+INFO = Gauge("authentik_outpost_info", "Outpost info", OUTPOST_LABELS, registry=PROMETHEUS)
+LAST_UPDATE = Gauge("authentik_outpost_last_update", "Time of the last provider update", OUTPOST_LABELS, registry=PROMETHEUS)
+REQUESTS = Histogram("authentik_outpost_proxy_request_duration_seconds", "Requests handled by the outpost",
+                     ("outpost_name", "method", "host", "type"), registry=PROMETHEUS)
+UPSTREAM = Histogram("authentik_outpost_proxy_upstream_response_duration_seconds", "Upstream response time",
+                     ("outpost_name", "method", "scheme", "host", "upstream_host"), registry=PROMETHEUS)
+DECISIONS = Counter("mitm_outpost_decisions_total", "Decisions by provider and outcome", ("provider", "outcome"), registry=PROMETHEUS)
+LOGINS = Counter("mitm_outpost_logins_total", "Completed browser logins", ("provider",), registry=PROMETHEUS)
+CALLBACK_FAILURES = Counter("mitm_outpost_callback_failures_total", "Failed login callbacks", ("provider", "reason"), registry=PROMETHEUS)
+SESSIONS = Gauge("mitm_outpost_sessions", "Sessions this replica holds (in memory or its local cache)", registry=PROMETHEUS)
+IDP_LATENCY = Histogram("mitm_outpost_idp_request_duration_seconds", "Calls to the identity provider", ("call",), registry=PROMETHEUS)
