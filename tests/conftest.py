@@ -1,10 +1,35 @@
 """Shared fixtures: the dev IdP and the demo upstream run once per session."""
 
+import re
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support.processes import free_port, mock_idp, whoami
+from tests.support.processes import Process, free_port, mock_idp, whoami
+
+# What no outpost log line may ever contain: a JWT, an outpost cookie value, an authorization code.
+SECRET_PATTERNS = (re.compile(r"eyJ[\w-]{8,}\.[\w-]{8,}\."), re.compile(r"authentik_proxy_[0-9a-f]{8}(_login)?=[\w-]{16,}"),
+                   re.compile(r"[?&]code=[\w-]{8,}"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def outpost_logs_hold_no_secrets() -> Iterator[None]:
+    """After the whole run: every outpost's output is searched for every secret the tests used."""
+    yield
+    problems = []
+    for process in Process.started:
+        if not any("outpost" in arg for arg in process.args):
+            continue
+        text = process.output
+        secrets = set(re.findall(r"(?:client_secret|cookie_secret|session_store_password): (\S{6,})", _configs(process)))
+        problems += [f"{process.args[:3]}: secret {s[:4]}…" for s in secrets if s in text]
+        problems += [f"{process.args[:3]}: {p.pattern} matches {m.group(0)[:24]}…" for p in SECRET_PATTERNS for m in [p.search(text)] if m]
+    assert not problems, "secrets in outpost logs:\n" + "\n".join(problems)
+
+
+def _configs(process: Process) -> str:
+    config = getattr(process, "config", None)
+    return config.read_text() if config is not None and config.exists() else ""
 
 
 @pytest.fixture(scope="session")

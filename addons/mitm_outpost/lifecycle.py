@@ -22,14 +22,24 @@ class Lifecycle:
         self.registry = registry
         self.in_flight = 0
         self.idle = asyncio.Event()
+        self.draining = False
+        self.signals_installed = False
 
     def load(self, loader: Loader) -> None:
         loader.add_option("outpost_drain_timeout", int, 30, "Seconds SIGTERM waits for requests in flight.")
 
-    def running(self) -> None:
-        loop = asyncio.get_running_loop()
+    def configure(self, updated: set[str]) -> None:
+        """Signals are ours from the first configure on: a SIGHUP that came before `running`
+        would otherwise end the process."""
+        if self.signals_installed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # configured outside an event loop (unit tests)
+            return
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain()))
+        self.signals_installed = True
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.in_flight += 1
@@ -54,6 +64,9 @@ class Lifecycle:
             logger.error("reload refused, the previous configuration keeps serving: %s", e)
 
     async def drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
         logger.info("SIGTERM: no new connections; waiting for %d request(s) in flight", self.in_flight)
         ctx.options.update(mode=[])  # closes the listeners; open connections go on
         if self.in_flight:

@@ -42,12 +42,15 @@ def wait_for_port(port: int, proc: subprocess.Popen[Any] | None = None, timeout:
 class Process:
     """A child process with its output in a file, stopped on exit."""
 
+    started: list["Process"] = []  # every process of the session, for checks over all their logs
+
     def __init__(self, args: list[str], port: int | None = None, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.args, self.port, self.env, self.cwd = args, port, env, cwd
         self.log = tempfile.NamedTemporaryFile(prefix="outpost-test-", suffix=".log", delete=False)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> "Process":
+        Process.started.append(self)
         self.proc = subprocess.Popen(
             self.args, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **(self.env or {})}, cwd=self.cwd or ROOT,
@@ -107,20 +110,25 @@ def provider_entry(name: str, outpost_port: int, upstream: str, issuer: str, **f
 
 
 class Outpost(Process):
-    """`mitmdump -s addons/outpost.py` with a config written for this test."""
+    """The outpost with a config written for this test: `mitmdump -s addons/outpost.py`, mitmweb,
+    or (tool="lean") the production runner `python -m mitm_outpost`."""
 
     def __init__(self, providers: list[dict[str, Any]], http_port: int, https_port: int = 0,
-                 extra: list[str] = (), env: dict[str, str] | None = None, tool: str = "mitmdump") -> None:  # type: ignore[assignment]
+                 extra: list[str] = (), env: dict[str, str] | None = None, tool: str = "mitmdump",  # type: ignore[assignment]
+                 metrics_port: int = 0) -> None:
         self.config = Path(tempfile.mkdtemp(prefix="outpost-cfg-")) / "mitm_config.yaml"
         self.config.write_text(yaml.safe_dump({"outpost": {"name": "test-outpost"}, "providers": providers}))
         self.http_port, self.https_port = http_port, https_port
-        args = [
-            str(BIN / tool), "-s", str(ROOT / "addons/outpost.py"),
-            "--set", f"outpost_config={self.config}",
-            "--set", f"outpost_http_port={http_port}", "--set", f"outpost_https_port={https_port}",
-            "--set", "listen_port=0", "--set", "metrics_port=0", "--set", f"confdir={self.config.parent}",
-            *extra,
-        ]
+        settings = [f"outpost_config={self.config}", f"outpost_http_port={http_port}", f"outpost_https_port={https_port}",
+                    "listen_port=0", f"metrics_port={metrics_port}", f"confdir={self.config.parent}"]
+        if tool == "mitmdump":
+            settings.append("flow_detail=0")  # mitmdump's own flow lines print URLs; the outpost's log is what is checked
+        if tool == "lean":
+            head = [sys.executable, "-m", "mitm_outpost"]
+            env = {"PYTHONPATH": str(ROOT / "addons"), **(env or {})}
+        else:
+            head = [str(BIN / tool), "-s", str(ROOT / "addons/outpost.py")]
+        args = head + [part for setting in settings for part in ("--set", setting)] + list(extra)
         super().__init__(args, port=http_port, env=env)
 
     @property

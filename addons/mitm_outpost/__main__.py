@@ -1,0 +1,55 @@
+"""The lean production runner: `python -m mitm_outpost [--set name=value ...]`.
+
+The same options, configuration and chain as `mitmdump -s addons/outpost.py`, on a mitmproxy
+Master that loads only what an outpost needs (proxy server, next layer, TLS, error check)
+instead of mitmdump's ~35 default addons, each of which is called for every event of every
+request. Logs go to stderr, one line each.
+"""
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from mitmproxy import exceptions, options
+from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
+from mitmproxy.master import Master
+
+from . import __version__, chain
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mitm_outpost", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", dest="setoptions", action="append", default=[], metavar="NAME=VALUE",
+                        help="set an option, as with mitmdump (e.g. outpost_config=/etc/outpost.yaml)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--version", action="version", version=f"mitm-outpost {__version__}")
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> int:
+    opts = options.Options()
+    master = Master(opts)
+    check = errorcheck.ErrorCheck(repeat_errors_on_stderr=True)
+    master.addons.add(proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), check, *chain.build())
+    try:
+        opts.set(*args.setoptions)
+        opts.update(connection_strategy="lazy")
+    except exceptions.OptionsError as e:
+        print(f"mitm_outpost: {e}", file=sys.stderr)
+        return 2
+    await master.run()
+    return 1 if check.logger.has_errored else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for noisy in ("hpack", "asyncio", "mitmproxy.proxy.server", "mitmproxy.addons.proxyserver"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    sys.exit(asyncio.run(run(args)))
+
+
+if __name__ == "__main__":
+    main()
