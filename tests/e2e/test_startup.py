@@ -115,3 +115,13 @@ def test_demo_config_is_valid() -> None:
     demo = config.load(ROOT / "mitm_config.yaml")
     assert [p["name"] for p in demo.providers] == ["demo"]
     assert demo.providers[0]["external_host"] == "http://localhost:9000"
+
+
+def test_outpost_config_from_the_environment(idp: str, upstream: str, tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "elsewhere.yaml"
+    config.write_text(yaml.safe_dump({"providers": [provider_entry("env-config", port, upstream, idp)]}))
+    args = [str(BIN / "mitmdump"), "-s", str(ROOT / "addons/outpost.py"), "--set", f"outpost_http_port={port}",
+            "--set", "outpost_https_port=0", "--set", "listen_port=0", "--set", "metrics_port=0", "--set", f"confdir={tmp_path}"]
+    with Process(args, port=port, env={"OUTPOST_CONFIG": str(config)}, cwd=tmp_path):
+        assert browser().get(f"http://127.0.0.1:{port}/x").status_code == 302

@@ -263,3 +263,10 @@ async def test_back_channel_logout_token_rules(registry: Registry) -> None:
     assert await registry.store.get(p.name, "sid-1") is None
     replay = await run_full(post(claims))
     assert replay.response.status_code == 400 and "replayed" in replay.comment
+
+
+def test_legacy_header_names_can_be_switched_off() -> None:
+    with_legacy = {name for name, _ in user_headers({"sub": "x"}, "", True)}
+    without = {name for name, _ in user_headers({"sub": "x"}, "", False)}
+    assert {n.encode() for n in names.LEGACY_HEADERS} <= with_legacy
+    assert not {n.encode() for n in names.LEGACY_HEADERS} & without
