@@ -230,33 +230,31 @@ class IdentityProvider:
             raise TokenError(f"client_credentials answered {response.status_code} without an id_token")
         return answer
 
-    async def verify_id_token(self, id_token: str, nonce: str | None) -> dict[str, Any]:
-        """An ID token (or a JWT access token checked locally, nonce None): signature, iss,
-        aud containing this client (and azp when there are several audiences), exp, iat."""
+    async def _decode(self, token: str, what: str, required: list[str]) -> dict[str, Any]:
+        """A JWT from this issuer for this client: an algorithm it advertises, its key (JWKS,
+        or client_secret for HS*), iss, aud, the `required` claims, times with a little leeway."""
         try:
-            header = jwt.get_unverified_header(id_token)
+            header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as e:
-            raise TokenError(f"ID token is not a JWT: {e}") from None
+            raise TokenError(f"{what} is not a JWT: {e}") from None
         alg = header.get("alg", "")
         if alg not in self.algorithms:
-            raise TokenError(f"ID token signed with {alg!r}; the issuer advertises {sorted(self.algorithms)}")
+            raise TokenError(f"{what} signed with {alg!r}; the issuer advertises {sorted(self.algorithms)}")
         if alg in HMAC_ALGORITHMS:
             key: Any = self.client_secret.encode()
         else:
             assert self.jwks is not None
             key = await self.jwks.key_for(header.get("kid") or "")
         try:
-            claims = jwt.decode(
-                id_token,
-                key,
-                algorithms=[alg],
-                audience=self.client_id,
-                issuer=self.issuer,
-                leeway=CLOCK_SKEW,
-                options={"require": ["iss", "aud", "exp", "iat", "sub"]},
-            )
+            return jwt.decode(token, key, algorithms=[alg], audience=self.client_id, issuer=self.issuer,
+                              leeway=CLOCK_SKEW, options={"require": required})
         except jwt.PyJWTError as e:
-            raise TokenError(f"ID token rejected: {e}") from None
+            raise TokenError(f"{what} rejected: {e}") from None
+
+    async def verify_id_token(self, id_token: str, nonce: str | None) -> dict[str, Any]:
+        """An ID token (or a JWT access token checked locally, nonce None): signature, iss,
+        aud containing this client (and azp when there are several audiences), exp, iat."""
+        claims = await self._decode(id_token, "ID token", ["iss", "aud", "exp", "iat", "sub"])
         if nonce is not None and claims.get("nonce") != nonce:
             raise TokenError("ID token nonce does not match the login")
         azp = claims.get("azp")
@@ -267,19 +265,7 @@ class IdentityProvider:
     async def verify_logout_token(self, token: str) -> dict[str, Any]:
         """A Back-Channel Logout token: signed by the issuer for this client, with the logout
         event, a `jti`, `sid` or `sub`, and no `nonce` (OIDC Back-Channel Logout 1.0 §2.6)."""
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as e:
-            raise TokenError(f"logout_token is not a JWT: {e}") from None
-        alg = header.get("alg", "")
-        if alg not in self.algorithms:
-            raise TokenError(f"logout_token signed with {alg!r}")
-        key: Any = self.client_secret.encode() if alg in HMAC_ALGORITHMS else await self.jwks.key_for(header.get("kid") or "")  # type: ignore[union-attr]
-        try:
-            claims = jwt.decode(token, key, algorithms=[alg], audience=self.client_id, issuer=self.issuer, leeway=CLOCK_SKEW,
-                                options={"require": ["iss", "aud", "iat", "jti"]})
-        except jwt.PyJWTError as e:
-            raise TokenError(f"logout_token rejected: {e}") from None
+        claims = await self._decode(token, "logout_token", ["iss", "aud", "iat", "jti"])
         events = claims.get("events")
         if not isinstance(events, dict) or BACKCHANNEL_EVENT not in events:
             raise TokenError("logout_token lacks the back-channel logout event")
