@@ -31,7 +31,7 @@ async def run(args: argparse.Namespace) -> int:
     opts = options.Options()
     master = Master(opts)
     check = errorcheck.ErrorCheck(repeat_errors_on_stderr=True)
-    master.addons.add(proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), check, *chain.build())
+    master.addons.add(proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), check, *chain.build(interactive=False))
     try:
         opts.set(*args.setoptions)
         opts.update(connection_strategy="lazy")

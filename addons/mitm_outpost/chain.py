@@ -8,6 +8,7 @@ from .access import Access
 from .access_log import AccessLog
 from .authentik import AuthentikSource
 from .configuration import Configuration, Registry
+from .debugging import Commands
 from .endpoints import Endpoints
 from .forward_auth import ForwardAuth
 from .header_auth import HeaderAuth
@@ -20,9 +21,12 @@ from .session_check import SessionCheck
 from .upstream import Upstream
 
 
-def build(registry: Registry | None = None) -> list[object]:
+def build(registry: Registry | None = None, interactive: bool = True) -> list[object]:
+    """`interactive`: mitmdump/mitmweb/mitmproxy, with the debugging commands and views; the
+    lean production runner builds the chain without them."""
     registry = registry or Registry()
-    return [
+    debugging = [Commands(registry)] if interactive else []  # outpost.* commands, JWT and identity views
+    return [*debugging,
         Configuration(registry),  # mitm_config.yaml -> providers; the session store
         AuthentikSource(registry),  # or/and providers from the authentik API (AUTHENTIK_HOST, AUTHENTIK_TOKEN)
         Listeners(registry),  # ports 9000/9443, certificates

@@ -19,7 +19,7 @@ from authlib.integrations.httpx_client import AsyncOAuth2Client
 
 from .telemetry import IDP_LATENCY
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mitm_outpost.idp")
 
 ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
@@ -182,9 +182,11 @@ class IdentityProvider:
         async with self._client(redirect_uri) as client:
             try:
                 with IDP_LATENCY.labels("token").time():
+                    started = time.monotonic()
                     token = await client.fetch_token(
                         self.token_endpoint, grant_type="authorization_code", code=code, code_verifier=code_verifier
                     )
+                    logger.info("idp: token exchange at %s answered in %.0f ms", self.token_endpoint, (time.monotonic() - started) * 1000)
             except Exception as e:
                 raise TokenError(f"token exchange at {self.token_endpoint} failed: {e}") from None
         return dict(token)
@@ -197,6 +199,7 @@ class IdentityProvider:
             try:
                 with IDP_LATENCY.labels("introspection").time():
                     response = await client.introspect_token(self.introspection_endpoint, token=token)
+                logger.info("idp: introspection at %s answered %d", self.introspection_endpoint, response.status_code)
                 answer = response.json() if response.status_code == 200 else None
             except Exception as e:
                 raise TokenError(f"introspection at {self.introspection_endpoint} failed: {e}") from None

@@ -179,3 +179,6 @@ class RedisStore:
     def count(self) -> int:
         return len(self.local)
 
+    def snapshot(self) -> list[Session]:
+        return [s for s in self.local.values() if s.expires_at > time.time()]
+

@@ -71,6 +71,7 @@ class SessionStore(Protocol):
     async def put_login(self, state: str, login: PendingLogin) -> None: ...
     async def take_login(self, state: str) -> PendingLogin | None: ...
     def count(self) -> int: ...
+    def snapshot(self) -> list[Session]: ...  # what this process holds, for the debugging commands
     up: bool  # false while the store cannot answer (readiness)
 
 
@@ -118,3 +119,7 @@ class MemoryStore:
     def count(self) -> int:
         self._sessions.expire()
         return len(self._sessions)
+
+    def snapshot(self) -> list[Session]:
+        self._sessions.expire()
+        return list(self._sessions.values())
