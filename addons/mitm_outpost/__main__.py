@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sys
 
-from mitmproxy import exceptions, options
+from mitmproxy import exceptions, hooks, options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
@@ -31,9 +31,15 @@ async def run(args: argparse.Namespace) -> int:
     opts = options.Options()
     master = Master(opts)
     check = errorcheck.ErrorCheck(repeat_errors_on_stderr=True)
-    master.addons.add(proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), check, *chain.build(interactive=False))
+    outpost = chain.build(interactive=False)
+    master.addons.add(proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), check, *outpost)
     try:
         opts.set(*args.setoptions)
+        # Our addons see every other option once too, defaults included, as mitmdump's script
+        # loader shows them: Configuration, for one, acts on defaults (trusted_proxies) only there.
+        given = {setting.partition("=")[0] for setting in args.setoptions}
+        for addon in outpost:
+            master.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(opts.keys()) - given))
         opts.update(connection_strategy="lazy")
     except exceptions.OptionsError as e:
         print(f"mitm_outpost: {e}", file=sys.stderr)

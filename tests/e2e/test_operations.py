@@ -133,3 +133,14 @@ def test_mitmdump_way_has_the_same_metrics(idp: str, upstream: str) -> None:
     with outpost:
         browser().get(f"{outpost.url}/x")
         assert "mitm_outpost_decisions_total" in scrape(metrics_port)
+
+
+def test_lean_runner_applies_option_defaults(idp: str) -> None:
+    """trusted_proxies keeps its default (loopback) without being set: forward-auth checks from here are answered."""
+    port = free_port()
+    entry = {"name": "fwd", "mode": "forward_single", "external_host": "http://app.example.test", "client_id": "f",
+             "client_secret": "f", "issuer": idp}
+    with LeanOutpost([entry], port) as outpost:
+        headers = {"X-Forwarded-Proto": "http", "X-Forwarded-Host": "app.example.test", "X-Forwarded-Uri": "/"}
+        response = httpx2.get(f"{outpost.url}/outpost.goauthentik.io/auth/traefik", headers=headers)
+        assert response.status_code == 302 and "untrusted" not in outpost.output
