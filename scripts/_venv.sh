@@ -22,16 +22,18 @@ find_python() {
 }
 
 ensure_venv() {
-  local lock="$ROOT/requirements.lock" stamp="$VENV/.installed"
+  local lock="$ROOT/requirements.lock" stamp="$VENV/.installed" wanted="$VENV/.wanted"
   if [ ! -x "$VENV/bin/python" ]; then
     local py; py="$(find_python)"
     echo "creating $VENV with $("$py" --version)" >&2
     "$py" -m venv "$VENV"
   fi
-  if [ ! -f "$stamp" ] || ! cmp -s "$lock" "$stamp"; then
+  cat "$lock" "$ROOT/pyproject.toml" > "$wanted"  # the lock and the package's entry points
+  if [ ! -f "$stamp" ] || ! cmp -s "$wanted" "$stamp"; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$lock" 2> >(grep -v "^WARNING: Location" >&2)
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$ROOT" 2> >(grep -v "^WARNING: Location" >&2)
-    cp "$lock" "$stamp"
+    cp "$wanted" "$stamp"
   fi
+  rm -f "$wanted"
 }
 ensure_venv

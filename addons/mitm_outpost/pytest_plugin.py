@@ -27,7 +27,6 @@ This module imports no mitmproxy code: the outpost runs in its own process.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -41,7 +40,7 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx2
 import pytest
@@ -136,6 +135,7 @@ class _Child:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        self.log.unlink(missing_ok=True)  # what a failure needs is in its message
 
 
 class AppProcess:
@@ -161,7 +161,7 @@ class AppProcess:
     def output(self) -> str:
         return self._child.output if self._child else ""
 
-    def start(self) -> AppProcess:
+    def start(self) -> Self:
         self._child = _Child(f"app ({' '.join(self.args)})", self.args, self.port, cwd=self.cwd, env=self.env)
         return self
 
@@ -169,7 +169,7 @@ class AppProcess:
         if self._child:
             self._child.stop()
 
-    def __enter__(self) -> AppProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -190,7 +190,8 @@ class DevIdP:
         if not found:
             pytest.fail("mitm_outpost.pytest_plugin needs the dev IdP: pip install oidc-provider-mock", pytrace=False)
         self.port = free_port()
-        users = Path(tempfile.mkdtemp(prefix="outpost-plugin-idp-")) / "users.yaml"
+        self.workdir = Path(tempfile.mkdtemp(prefix="outpost-plugin-idp-"))
+        users = self.workdir / "users.yaml"
         users.write_text("[]\n")
         self._child = _Child("oidc-provider-mock", [found, "--port", str(self.port), "--user-claims-file", str(users)],
                              self.port)
@@ -205,6 +206,7 @@ class DevIdP:
 
     def stop(self) -> None:
         self._child.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def user_claims(username: str, *, groups: Iterable[str] = (), entitlements: Iterable[str] = (),
@@ -335,6 +337,7 @@ class OutpostSetup:
     def stop(self) -> None:
         for child in reversed(self._children):
             child.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class Harness:
@@ -521,6 +524,14 @@ def forward_auth_nginx(outpost_nginx: OutpostSetup) -> Iterator[Harness]:
 # The built-in nginx config: the directives of docs/forward-auth/nginx-single.conf (kept equal by
 # tests/e2e/test_plugin_example.py), for installs that do not have the docs.
 NGINX_SINGLE = """\
+map $http_cookie $authentik_cookie_1 {
+    "~^(?<before>.*?)(?:;\\s*)?authentik_proxy_[0-9a-f]{8}(?:_login)?=[^;]*(?<after>.*)$" "$before$after";
+    default $http_cookie;
+}
+map $authentik_cookie_1 $authentik_app_cookie {
+    "~^(?<before>.*?)(?:;\\s*)?authentik_proxy_[0-9a-f]{8}(?:_login)?=[^;]*(?<after>.*)$" "$before$after";
+    default $authentik_cookie_1;
+}
 map $http_upgrade $authentik_connection_upgrade {
     default upgrade;
     ''      '';
@@ -534,6 +545,7 @@ server {
         proxy_pass         http://{{upstream_host}}:{{upstream_port}};
         proxy_http_version 1.1;
         proxy_set_header   Host $http_host;
+        proxy_set_header   Cookie $authentik_app_cookie;
         proxy_set_header   Upgrade $http_upgrade;
         proxy_set_header   Connection $authentik_connection_upgrade;
         proxy_set_header   X-Forwarded-Host $http_host;
