@@ -42,5 +42,9 @@ def test_mitmweb_shows_every_decision(idp: str, upstream: str) -> None:
         assert response.status_code == 200, (response.status_code, response.text[:300], dict(web.cookies))
         answer = response.json()
         assert answer["value"].startswith(f"web: proxy at http://127.0.0.1:{port}")
+        for name, arguments in (("outpost.sessions", []), ("outpost.reload", []), ("outpost.config", [])):
+            result = web.post(f"/commands/{name}", json={"arguments": arguments}, headers={"X-XSRFToken": xsrf}).json()
+            assert "error" not in result, (name, result)
+        assert "web-secret" not in web.post("/commands/outpost.config", json={"arguments": []}, headers={"X-XSRFToken": xsrf}).text
         events = " ".join(e["message"] for e in web.get("/events").json())
         assert "idp: token exchange at" in events  # the outpost's own back-channel calls, in the event log
