@@ -124,7 +124,7 @@ class Endpoints:
             return
         ended = await self.registry.store.delete_user(provider.name, session.sub)
         if provider.idp.end_session_endpoint:
-            flow.response = pages.redirect(provider.idp.end_session_url(session.id_token))
+            flow.response = pages.redirect(provider.idp.end_session_url(session.id_token_hint))
         else:
             flow.response = pages.page(200, "Signed out", "You are signed out.")
         decide(flow, Outcome.ENDPOINT, f"sign_out: ended {ended} session(s) of {session.username}", logging.INFO)

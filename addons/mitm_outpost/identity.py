@@ -47,8 +47,10 @@ HeaderFields = tuple[tuple[bytes, bytes], ...]
 
 
 def as_fields(headers: "Iterable[tuple[str, str]]") -> HeaderFields:
-    """Header pairs in mitmproxy's wire form, so a request gets them in one tuple concatenation."""
-    return tuple((name.encode(), value.encode("utf-8", "surrogateescape")) for name, value in headers)
+    """Header pairs in mitmproxy's wire form, so a request gets them in one tuple concatenation.
+    Names and empty values are shared between sessions."""
+    return tuple((_shared(name.encode()), _shared(value.encode("utf-8", "surrogateescape")) if not value else
+                  value.encode("utf-8", "surrogateescape")) for name, value in headers)
 
 
 def user_headers(claims: dict[str, Any], raw_token: str, legacy: bool) -> HeaderFields:
@@ -93,14 +95,22 @@ def build_session(provider: "Provider", claims: dict[str, Any], raw_token: str, 
         sub=str(claims["sub"]),
         headers=user_headers(kept, raw_token, legacy) + extra,
         # With Basic upstream on, Authorization towards the app is the outpost's alone.
-        replaces=frozenset({b"host"} | {name.lower() for name, _ in extra} | ({b"authorization"} if provider.basic_auth else set())),
+        replaces=_shared(frozenset({b"host"} | {name.lower() for name, _ in extra} | ({b"authorization"} if provider.basic_auth else set()))),
         expires_at=time.time() + (lifetime or provider.session_lifetime),
         idp_sid=str(claims.get("sid") or ""),
-        id_token=id_token,
-        claims=kept,
+        id_token=id_token if id_token != raw_token else "",
+        claims={"preferred_username": kept.get("preferred_username") or kept.get("sub")},
         backend=backend,
         backend_error=backend_error,
     )
+
+
+_SHARED: dict[Any, Any] = {}
+
+
+def _shared(value: Any) -> Any:
+    """One copy of values most sessions have in common (header names, the `replaces` set)."""
+    return _SHARED.setdefault(value, value) if len(_SHARED) < 10_000 else value
 
 
 def basic_upstream(attributes: dict[str, Any], claims: dict[str, Any], names_: tuple[str, str], who: str) -> HeaderFields:

@@ -25,7 +25,8 @@ logger = logging.getLogger("mitm_outpost")
 PREFIX = "mo:"
 CHANNEL = PREFIX + "invalidate"
 TIMEOUT = 1.0  # seconds; a slow Redis is a down Redis for a proxy
-LOCAL_TTL = 5.0
+LOCAL_TTL = 300.0  # safe to be long: every deletion is published, and a lost channel or a failed
+# call empties the cache, so a session is never served from it while Redis cannot be asked
 
 # Delete every session named in an index set, and the set: one round trip.
 _DELETE_INDEXED = """
@@ -43,10 +44,9 @@ def session_key(provider: str, key: str) -> str:
 def encode(session: Session) -> str:
     """Only what the headers and sign-out need; header bytes as latin-1 text, one JWT kept once."""
     headers = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in session.headers]
-    jwt_value = next((v for n, v in headers if n == "X-authentik-jwt"), "")
     return json.dumps({
         "p": session.provider, "s": session.sub, "h": headers, "e": session.expires_at, "i": session.idp_sid,
-        "t": "=" if session.id_token and session.id_token == jwt_value else session.id_token,
+        "t": session.id_token,
         "u": session.username, "b": session.backend, "be": session.backend_error,
         "r": [r.decode("latin-1") for r in session.replaces],
     }, separators=(",", ":"))
@@ -55,11 +55,8 @@ def encode(session: Session) -> str:
 def decode(raw: bytes | str) -> Session:
     d = json.loads(raw)
     headers = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in d["h"])
-    id_token = d["t"]
-    if id_token == "=":
-        id_token = next((v.decode("latin-1") for n, v in headers if n == b"X-authentik-jwt"), "")
     return Session(
-        provider=d["p"], sub=d["s"], headers=headers, expires_at=d["e"], idp_sid=d["i"], id_token=id_token,
+        provider=d["p"], sub=d["s"], headers=headers, expires_at=d["e"], idp_sid=d["i"], id_token=d["t"],
         claims={"preferred_username": d["u"]}, backend=tuple(d["b"]) if d["b"] else None,  # type: ignore[arg-type]
         backend_error=d["be"], replaces=frozenset(r.encode("latin-1") for r in d["r"]),
     )
@@ -81,6 +78,7 @@ class RedisStore:
             if self.up:
                 logger.error("redis: session store unavailable (%s); protected requests get 503", e)
             self.up = False
+            self.local.clear()
             raise StoreUnavailable(f"redis: {e}") from None
         if not self.up:
             logger.info("redis: session store is back")

@@ -33,7 +33,7 @@ class Session:
     headers: tuple[tuple[bytes, bytes], ...]  # identity headers, in wire form
     expires_at: float
     idp_sid: str = ""
-    id_token: str = ""
+    id_token: str = ""  # only when it is not already the X-authentik-jwt value (see id_token_hint)
     claims: dict[str, Any] = field(default_factory=dict)
     # ak_proxy: (scheme, host, port, Host header) for this user; scheme "" = the provider's upstream
     # with only the Host header changed. `backend_error` says why the claims cannot be honoured.
@@ -44,6 +44,13 @@ class Session:
     @property
     def username(self) -> str:
         return str(self.claims.get("preferred_username") or self.sub)
+
+    @property
+    def id_token_hint(self) -> str:
+        """The ID token for the IdP's end-session endpoint, kept once per session."""
+        if self.id_token:
+            return self.id_token
+        return next((value.decode("latin-1") for name, value in self.headers if name == b"X-authentik-jwt"), "")
 
 
 @dataclass(frozen=True, slots=True)
