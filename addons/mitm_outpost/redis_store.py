@@ -18,6 +18,7 @@ from typing import Any
 import redis.asyncio as redis
 from cachetools import TTLCache
 
+from . import names
 from .sessions import LOGIN_TTL, PendingLogin, Session, StoreUnavailable, storage_key
 
 logger = logging.getLogger("mitm_outpost")
@@ -38,27 +39,41 @@ return members
 
 
 def session_key(provider: str, key: str) -> str:
-    return f"{PREFIX}{provider}:s:{key}"
+    """128 bits of the cookie value's SHA-256 name the key: unguessable, and short in the indexes."""
+    return f"{PREFIX}{provider}:s:{key[:32]}"
+
+
+# Known header names travel as their index; a value repeated (the legacy headers) as a reference.
+KNOWN_NAMES = tuple(n.encode() for n in (*names.IDENTITY_HEADERS, *names.LEGACY_HEADERS))
+NAME_INDEX = {n: i for i, n in enumerate(KNOWN_NAMES)}
+DEFAULT_REPLACES = frozenset({b"host"})
 
 
 def encode(session: Session) -> str:
-    """Only what the headers and sign-out need; header bytes as latin-1 text, one JWT kept once."""
-    headers = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in session.headers]
-    return json.dumps({
-        "p": session.provider, "s": session.sub, "h": headers, "e": session.expires_at, "i": session.idp_sid,
-        "t": session.id_token,
-        "u": session.username, "b": session.backend, "be": session.backend_error,
-        "r": [r.decode("latin-1") for r in session.replaces],
-    }, separators=(",", ":"))
+    """Only what the headers and sign-out need, compactly (a session stays under 2 KiB in Redis)."""
+    packed: list[list[Any]] = []
+    first: dict[bytes, int] = {}
+    for name, value in session.headers:
+        reference = first.get(value) if len(value) > 4 else None
+        packed.append([NAME_INDEX.get(name, name.decode("latin-1")), reference if reference is not None else value.decode("latin-1")])
+        first.setdefault(value, len(packed) - 1)
+    doc: dict[str, Any] = {"p": session.provider, "s": session.sub, "h": packed, "e": session.expires_at, "u": session.username}
+    optional = {"i": session.idp_sid, "t": session.id_token, "b": session.backend, "be": session.backend_error,
+                "r": [r.decode("latin-1") for r in session.replaces] if session.replaces != DEFAULT_REPLACES else None}
+    doc.update({k: v for k, v in optional.items() if v})
+    return json.dumps(doc, separators=(",", ":"))
 
 
 def decode(raw: bytes | str) -> Session:
     d = json.loads(raw)
-    headers = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in d["h"])
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in d["h"]:
+        headers.append((KNOWN_NAMES[name] if isinstance(name, int) else name.encode("latin-1"),
+                        headers[value][1] if isinstance(value, int) else value.encode("latin-1")))
     return Session(
-        provider=d["p"], sub=d["s"], headers=headers, expires_at=d["e"], idp_sid=d["i"], id_token=d["t"],
-        claims={"preferred_username": d["u"]}, backend=tuple(d["b"]) if d["b"] else None,  # type: ignore[arg-type]
-        backend_error=d["be"], replaces=frozenset(r.encode("latin-1") for r in d["r"]),
+        provider=d["p"], sub=d["s"], headers=tuple(headers), expires_at=d["e"], idp_sid=d.get("i", ""), id_token=d.get("t", ""),
+        claims={"preferred_username": d["u"]}, backend=tuple(d["b"]) if d.get("b") else None,  # type: ignore[arg-type]
+        backend_error=d.get("be", ""), replaces=frozenset(r.encode("latin-1") for r in d["r"]) if d.get("r") else DEFAULT_REPLACES,
     )
 
 

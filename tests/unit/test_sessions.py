@@ -40,3 +40,17 @@ async def test_pending_logins_are_used_once() -> None:
     await store.put_login("state", login)
     assert await store.take_login("state") == login
     assert await store.take_login("state") is None
+
+
+def test_redis_encoding_round_trips_and_stays_small() -> None:
+    from mitm_outpost.identity import user_headers
+    from mitm_outpost.redis_store import decode, encode
+
+    claims = {"sub": "u-1", "preferred_username": "alice", "email": "alice@example.test", "name": "Alice", "groups": ["a", "b"]}
+    headers = user_headers(claims, "eyJ" + "x" * 900, True) + ((b"X-Team", b"blue"),)
+    session = Session(provider="p", sub="u-1", headers=headers, expires_at=time.time() + 60, idp_sid="sid", id_token="other",
+                      claims={"preferred_username": "alice"}, backend=("http", "b.test", 80, "b.test"),
+                      replaces=frozenset({b"host", b"x-team"}))
+    raw = encode(session)
+    assert decode(raw) == session
+    assert len(raw) < 1400
