@@ -25,9 +25,23 @@ plus keep-alive to the auth server and to the upstream:
   fwd-outpost  the same, asking the outpost's /outpost.goauthentik.io/auth/nginx of a
                forward_single provider, with a session cookie got by signing in through nginx.
 
+and the production runner, `python -m mitm_outpost` (PYTHONPATH=addons) with the same --set options:
+
+  lean runner, no auth (skip rule)         /public/bench, matched by the provider's skip rule: no session
+  lean runner, signed in                   outpost_access_log=off
+  lean runner, signed in, access log json  the default access log (JSON lines to stderr, a file here)
+  nginx auth_request → lean runner         the fwd-outpost setup, asked of the lean runner
+
+then (unless --no-extras) memory per session (a MemoryStore filled in a fresh process: RSS and
+tracemalloc; RedisStore.put into a private redis-server: INFO memory), two lean runners sharing that
+Redis behind nginx against one, with Redis commands per request (INFO commandstats), and with
+--soak MINUTES the lean runner's RSS every 10 s at ~80 % of its signed-in req/s (h2load --rps).
+
 The upstream answers `hello <X-authentik-username>`, so a body of "hello alice" proves that a
 request went through the outpost, as alice, to the upstream (and not to a login redirect).
 """
+
+from __future__ import annotations
 
 import argparse
 import asyncio
@@ -66,6 +80,7 @@ class Result:
     errors: str = ""
     cpu: float | None = None  # CPU seconds per wall second of the process under test
     server: str = ""  # the command of the process under test
+    requests: int | None = None  # answered during the measurement (wrk)
 
 
 # ---------------------------------------------------------------- processes
@@ -79,10 +94,10 @@ class Processes:
         self.logdir = logdir
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         with open(self.logdir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=ROOT, start_new_session=True)
+                                    cwd=ROOT, start_new_session=True, env={**os.environ, **env} if env else None)
         proc.name = name  # type: ignore[attr-defined]
         self.procs.append(proc)
         return proc
@@ -358,14 +373,18 @@ class Load:
         non_200 = re.search(r"^Non-200 responses: ([1-9]\d*)$", out, re.M)
         if non_200:
             errors = "; ".join(filter(None, [errors, f"{non_200.group(1)} answers not 200"]))
+        count = re.search(r"^\s*(\d+) requests in", out, re.M)
         return Result("", "", rps, parse_ms(pct["50"]) if "50" in pct else None,
-                      parse_ms(pct["99"]) if "99" in pct else None, errors)
+                      parse_ms(pct["99"]) if "99" in pct else None, errors,
+                      requests=int(count.group(1)) if count else None)
 
     @staticmethod
     def _parse_h2load(out: str) -> Result:
         rps = float(re.search(r"finished in .*?, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
         counts = re.findall(r"(\d+) (failed|errored|timeout|3xx|4xx|5xx)\b", out)  # h2load counts 3xx too
-        return Result("", "", rps, None, None, ", ".join(f"{n} {what}" for n, what in counts if int(n)))
+        done = re.search(r"requests: \d+ total, \d+ started, (\d+) done", out)
+        return Result("", "", rps, None, None, ", ".join(f"{n} {what}" for n, what in counts if int(n)),
+                      requests=int(done.group(1)) if done else None)
 
 
 # ---------------------------------------------------------------- outpost and login
@@ -522,8 +541,27 @@ def report(rounds: dict[str, list[Result]], info: dict[str, str], short: bool = 
         mark = "✓✓" if fwd >= 2.0 else "✓" if fwd >= 1.0 else "✗"
         print(f"| nginx auth_request: outpost / bare mitmdump | {fwd:.2f} | {per_round} "
               f"| >= 1.0 (goal >= 2.0) {mark} |")
+    def ratio_row(label: str, num: str, den: str, target: float | None = None, goal: float | None = None) -> None:
+        if num not in results or den not in results:
+            return
+        value = results[num].rps / results[den].rps
+        per = ", ".join(f"{a.rps / b.rps:.2f}" for a, b in zip(rounds[num], rounds[den]))
+        if target is None:
+            mark = "–"
+        else:
+            mark = f">= {target:.1f}" + (f" (goal >= {goal:.1f})" if goal else "") + " " + (
+                "✓✓" if goal and value >= goal else "✓" if value >= target else "✗ missed")
+        print(f"| {label} | {value:.2f} | {per} | {mark} |")
+
+    ratio_row("lean runner, signed in / bare mitmdump -q", "lean", "bare", 1.5, 2.0)
+    ratio_row("lean runner, no auth (skip rule) / bare mitmdump -q", "lean_skip", "bare")
+    ratio_row("lean runner, access log json / access log off", "lean_log", "lean")
+    ratio_row("lean runner, signed in / outpost under mitmdump", "lean", "outpost")
+    ratio_row("nginx auth_request: lean runner / bare mitmdump", "fwd_lean", "fwd_bare", 2.0)
     print(f"| bare mitmdump / direct | {bare.rps / direct.rps:.4f} | | – |")
     print(f"| outpost / direct | {outpost.rps / direct.rps:.4f} | | – |")
+    if "lean" in results:
+        print(f"| lean runner, signed in / nginx direct | {results['lean'].rps / direct.rps:.4f} | | – |")
     if "outpost_header" in results:
         h = results["outpost_header"]
         print(f"\nHeader auth (warm cache): {h.rps:,.0f} req/s, p99 {fmt(h.p99_ms, '.2f', ' ms')}, "
@@ -535,6 +573,322 @@ def report(rounds: dict[str, list[Result]], info: dict[str, str], short: bool = 
     print("\nCommands (ports are picked per run):\n")
     for r in results.values():
         print(f"- {r.name}: `{r.command}`\n  against `{r.server}`")
+
+
+# ---------------------------------------------------------------- memory, Redis, replicas, soak
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a process, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+MIB = 1024 * 1024
+
+
+def typical_sessions(n: int):  # type: ignore[no-untyped-def]
+    """`n` sessions as identity.build_session makes them at login for a typical user: authentik-like
+    claims (64-hex sub, username, email, name, 2 groups, sid), legacy headers on (the default), and a
+    distinct ~900-byte JWT per session used as X-authentik-jwt and kept as the id_token (the same string,
+    as when the access token is not a JWT). Yields (cookie value, Session)."""
+    import secrets
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "addons"))
+    from mitm_outpost import identity, sessions
+
+    provider = SimpleNamespace(name="bench", basic_auth=None, session_lifetime=86400)
+    for i in range(n):
+        sub = secrets.token_hex(32)
+        claims = {"sub": sub, "preferred_username": f"user{i:06d}", "email": f"user{i:06d}@example.com",
+                  "name": f"User Number {i}", "groups": ["staff", "engineering"], "sid": secrets.token_hex(16),
+                  "iss": "https://auth.example.com/application/o/bench/", "aud": "bench-client", "exp": 0}
+        jwt = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImJlbmNoIiwidHlwIjoiSldUIn0." + secrets.token_urlsafe(480) + "." + secrets.token_urlsafe(150)
+        yield sessions.new_id(), identity.build_session(provider, claims, jwt, jwt, True)  # type: ignore[arg-type]
+
+
+def memory_probe(mode: str, n: int) -> None:
+    """Run in a fresh process (`--memory-probe rss|tracemalloc:N`): put `n` typical sessions in a
+    MemoryStore and print the growth as JSON. `rss`: VmRSS before/after (includes allocator slack and
+    the interpreter's pools); `tracemalloc`: bytes Python allocated and still holds."""
+    import json
+    import tracemalloc
+
+    sys.path.insert(0, str(ROOT / "addons"))
+    from mitm_outpost.sessions import MemoryStore
+
+    store = MemoryStore()
+    made = list(typical_sessions(1))  # imports and first-use caches before the baseline
+    asyncio.run(store.put(*made[0]))
+    import gc
+    gc.collect()
+    if mode == "tracemalloc":
+        tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0] if mode == "tracemalloc" else rss_bytes(os.getpid())
+
+    async def fill() -> None:
+        for cookie, session in typical_sessions(n):
+            await store.put(cookie, session)
+
+    asyncio.run(fill())
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0] if mode == "tracemalloc" else rss_bytes(os.getpid())
+    sample = next(iter(store._sessions.values()))  # noqa: SLF001
+    header_bytes = sum(len(a) + len(b) for a, b in sample.headers)
+    print(json.dumps({"mode": mode, "n": n, "before": before, "after": after, "count": store.count(),
+                      "header_bytes": header_bytes, "headers": len(sample.headers), "jwt_bytes": len(sample.id_token)}))
+
+
+def session_memory(n: int, modes: tuple[str, ...] = ("rss", "tracemalloc")) -> dict[str, dict]:
+    import json
+    out = {}
+    for mode in modes:
+        done = subprocess.run([sys.executable, __file__, "--memory-probe", f"{mode}:{n}"], capture_output=True,
+                              text=True, timeout=600, cwd=ROOT)
+        if done.returncode != 0:
+            sys.exit(f"memory probe {mode} failed:\n{done.stderr}")
+        out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def start_redis(procs: Processes, tmp: Path) -> tuple[int, str] | None:
+    server = shutil.which("redis-server") or shutil.which("valkey-server")
+    if not server:
+        return None
+    port = free_port()
+    (tmp / "redis").mkdir()
+    proc = procs.start("redis", [server, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                                 "--dir", str(tmp / "redis")])
+    import redis as redis_sync
+    client = redis_sync.Redis(host=HOST, port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis_sync.RedisError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"redis-server did not start:\n{procs.log_tail('redis')}")
+            time.sleep(0.1)
+    version = client.info("server")["redis_version"]
+    return port, f"{Path(server).name} {version}"
+
+
+def redis_client(port: int):  # type: ignore[no-untyped-def]
+    import redis as redis_sync
+    return redis_sync.Redis(host=HOST, port=port)
+
+
+def redis_memory(port: int, n: int) -> dict[str, float]:
+    """used_memory before/after RedisStore.put of `n` typical sessions (each: the session key, its
+    user index set and its IdP-session index set, all with an expiry), on db 1, then flushed."""
+    client = redis_client(port)
+    client.flushall()
+    before = client.info("memory")["used_memory"]
+    sys.path.insert(0, str(ROOT / "addons"))
+    from mitm_outpost.redis_store import RedisStore, encode
+
+    sample_len, took = 0, 0.0
+
+    async def fill() -> None:
+        nonlocal sample_len, took
+        store = RedisStore(f"redis://{HOST}:{port}/1")
+        queue = list(typical_sessions(n))
+        sample_len = len(encode(queue[0][1]))
+        t0 = time.monotonic()
+        for i in range(0, n, 32):  # 32 puts in flight (the client's pool has a connection limit)
+            await asyncio.gather(*(store.put(c, s) for c, s in queue[i:i + 32]))
+        await store.client.aclose()
+        took = time.monotonic() - t0
+
+    asyncio.run(fill())
+    after = client.info("memory")["used_memory"]
+    import redis as redis_sync
+    keys = redis_sync.Redis(host=HOST, port=port, db=1).dbsize()
+    client.flushall()
+    return {"before": before, "after": after, "keys": keys, "value_bytes": sample_len, "seconds": took}
+
+
+def command_calls(port: int) -> dict[str, int]:
+    stats = redis_client(port).info("commandstats")
+    return {name.removeprefix("cmdstat_"): v["calls"] for name, v in stats.items()}
+
+
+REPLICA_SERVERS = """\
+    upstream bench_pair {{ server {host}:{a}; server {host}:{b}; keepalive {keepalive}; }}
+    upstream bench_one {{ server {host}:{a}; keepalive {keepalive}; }}
+    server {{
+        listen {host}:{pair_front};
+        location / {{ proxy_pass http://bench_pair; proxy_http_version 1.1; proxy_set_header Connection "";
+                      proxy_set_header Host $http_host; }}
+    }}
+    server {{
+        listen {host}:{one_front};
+        location / {{ proxy_pass http://bench_one; proxy_http_version 1.1; proxy_set_header Connection "";
+                      proxy_set_header Host $http_host; }}
+    }}"""
+
+
+def replicas(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, nginx: str, confdir: str,
+             up_port: int, idp_port: int, redis_port: int) -> list[str]:
+    """Two lean runners sharing Redis behind one nginx (`upstream { server a; server b; keepalive }`),
+    against one of them alone behind the same nginx; Redis commands per request with a warm cache."""
+    a, b, pair_front, one_front = (free_port() for _ in range(4))
+    store = f"  session_store: redis://{HOST}:{redis_port}/0\n"
+    # Same configuration on both replicas: provider `pair` is reached through nginx's pair_front
+    # (both replicas), provider `one` through one_front (replica a only).
+    pids = []
+    for name, port in (("replica-a", a), ("replica-b", b)):
+        config = tmp / f"{name}.yaml"
+        config.write_text(
+            OUTPOST_CONFIG.replace("outpost:\n", "outpost:\n" + store, 1).format(providers="".join(
+                OUTPOST_PROVIDER.format(name=p, hostname=f"{p}.{OUTPOST_DOMAIN}", host=HOST, port=front,
+                                        upstream=up_port, idp=idp_port, extra=skip_rules_yaml(1))
+                for p, front in (("pair", pair_front), ("one", one_front)))))
+        argv = outpost_argv("lean", confdir, config, port, ACCESS_LOG_OFF)
+        proc = procs.start(name, argv, LEAN_ENV)
+        wait_http(f"http://{HOST}:{port}/outpost.goauthentik.io/ping", procs, proc, expect=204)
+        pids.append(proc.pid)
+    proc, nginx_argv = start_nginx(procs, tmp, "nginx-replicas", nginx, REPLICA_SERVERS.format(
+        host=HOST, a=a, b=b, pair_front=pair_front, one_front=one_front, keepalive=KEEPALIVE))
+    wait_http(f"http://{HOST}:{pair_front}/outpost.goauthentik.io/ping", procs, proc, expect=204)
+    lines = []
+    results = {}
+    for key, front, label in (("one", one_front, "1 lean runner (Redis) behind nginx"),
+                              ("pair", pair_front, "2 lean runners (shared Redis) behind nginx")):
+        host = f"Host: {key}.{OUTPOST_DOMAIN}:{front}"
+        cookie = log_in(f"http://{key}.{OUTPOST_DOMAIN}:{front}", LoopbackTransport())
+        headers = [f"Cookie: {cookie}", host]
+        for _ in range(4):  # both replicas answer (and cache the session)
+            check_proxied(f"http://{HOST}:{front}/bench", headers)
+        url = f"http://{HOST}:{front}/bench"
+        runs = []
+        for n in range(args.rounds):
+            load.run(label, url, args.warmup, headers, 0, None) if args.warmup else None
+            calls0, t0 = command_calls(redis_port), time.monotonic()
+            cpu0 = sum(cpu_seconds(p) for p in pids)
+            r = load.run(label, url, args.duration, headers, 0, None, tmp / "non200.lua")
+            seconds = time.monotonic() - t0
+            r.cpu = (sum(cpu_seconds(p) for p in pids) - cpu0) / seconds
+            calls1 = command_calls(redis_port)
+            diff = {k: calls1.get(k, 0) - calls0.get(k, 0) for k in calls1}
+            # PING (health check, 1/s per replica) and SUBSCRIBE are the replicas' background; INFO,
+            # HELLO and CLIENT are this bench's own connection asking for the stats.
+            own = ("ping", "subscribe", "info", "hello", "client|setinfo", "client")
+            background = {k: v for k, v in diff.items() if k in own and v}
+            hot = {k: v for k, v in diff.items() if k not in own and v}
+            runs.append((r, hot, background, seconds))
+            print(f"  {label}, round {n + 1}: {r.rps:,.0f} req/s, p99 {fmt(r.p99_ms, '.2f', ' ms')}, "
+                  f"Redis commands besides PING/SUBSCRIBE/INFO: {hot or 'none'}{', ' + r.errors if r.errors else ''}", flush=True)
+            if "not 200" in r.errors:
+                sys.exit(f"{label}: {r.errors}: the session stopped working")
+        results[key] = runs
+    lines.append("| setup | req/s | p99 | CPU of the replicas (s/s) | Redis commands / request (besides PING, SUBSCRIBE and the bench's INFO) | background and bench commands during the run |")
+    lines.append("|---|---:|---:|---:|---|---|")
+    med = {}
+    for key, label in (("one", "1 lean runner (Redis) behind nginx"), ("pair", "2 lean runners (shared Redis) behind nginx")):
+        r, hot, background, seconds = sorted(results[key], key=lambda x: x[0].rps)[(len(results[key]) - 1) // 2]
+        med[key] = r
+        total = sum(hot.values())
+        per = f"{total / r.requests:.5f} ({total} in {r.requests:,} requests: " + \
+              (", ".join(f"{k} {v}" for k, v in sorted(hot.items())) or "none") + ")" if r.requests else "–"
+        bg = ", ".join(f"{k} {v}" for k, v in sorted(background.items())) or "none"
+        lines.append(f"| {label} | {r.rps:,.0f} | {fmt(r.p99_ms, '.2f', ' ms')} | {fmt(r.cpu, '.2f')} | {per} | {bg} in {seconds:.1f} s |")
+    per_round = ", ".join(f"{p[0].rps / o[0].rps:.2f}" for p, o in zip(results["pair"], results["one"]))
+    lines.append("")
+    lines.append(f"2 replicas / 1 replica: {med['pair'].rps / med['one'].rps:.2f} (per round {per_round}); nproc "
+                 f"{len(os.sched_getaffinity(0))}, shared by nginx, wrk, Redis and the replicas (reported, not tuned).")
+    lines.append(f"nginx: `{shlex.join(nginx_argv)}` with `upstream {{ server a; server b; keepalive {KEEPALIVE}; }}`; "
+                 f"replicas: `PYTHONPATH=addons {shlex.join(outpost_argv('lean', confdir, Path('<replica>.yaml'), 0, ACCESS_LOG_OFF))}` "
+                 f"(ports per replica), `outpost: {{session_store: redis://{HOST}:<port>/0}}`.")
+    return lines
+
+
+def soak(args: argparse.Namespace, load: Load, setup: Setup, capacity: float, procs: Processes) -> list[str]:
+    """~80 % of the lean runner's signed-in capacity for `--soak` minutes with h2load --rps (a fixed
+    rate; Debian's wrk has no -R), sampling the runner's VmRSS every 10 s."""
+    h2load = shutil.which("h2load")
+    if not h2load:
+        return ["soak: needs h2load (apt-get install nghttp2-client) for a fixed request rate; skipped"]
+    seconds = int(args.soak * 60)
+    clients = args.connections
+    rate = max(1, int(capacity * 0.8 / clients))
+    # h2load sends its own Host (from the URL): a -H Host would be a second one (400), so the URL names
+    # the provider's host and --connect-to the outpost.
+    host = next(h.split(": ", 1)[1] for h in setup.headers if h.startswith("Host: "))
+    parts = urllib.parse.urlsplit(setup.url)
+    h = [arg for header in setup.headers if not header.startswith("Host: ") for arg in ("-H", header)]
+    argv = [h2load, "--h1", "-c", str(clients), "-t", "1", "--rps", str(rate), "-D", str(seconds),
+            f"--connect-to={parts.netloc}", *h, f"http://{host}{parts.path}"]
+    print(f"soak: {args.soak:g} min at {rate * clients:,} req/s (~80 % of {capacity:,.0f}) on {setup.label}", flush=True)
+    samples = [(0, rss_bytes(setup.pid))]  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    with open(procs.logdir / "soak.log", "w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        while proc.poll() is None:
+            time.sleep(min(10, max(0.1, 10 - (time.monotonic() - t0) % 10)))
+            if proc.poll() is None:
+                samples.append((round(time.monotonic() - t0), rss_bytes(setup.pid)))  # type: ignore[arg-type]
+                print(f"  {samples[-1][0]:>5} s  RSS {samples[-1][1] / MIB:.1f} MiB", flush=True)
+    out = (procs.logdir / "soak.log").read_text()
+    done = Load._parse_h2load(out) if "req/s" in out else None
+    samples.append((round(time.monotonic() - t0), rss_bytes(setup.pid)))  # type: ignore[arg-type]
+    rss = [r for _, r in samples]
+    shown = shlex.join(argv).replace(next((x for x in setup.headers if x.startswith("Cookie:")), "\0"), "Cookie: <session>")
+    return [
+        f"Soak, {args.soak:g} min: `{shown}`",
+        f"achieved {done.rps:,.0f} req/s, {done.requests or 0:,} requests, {done.errors or 'no errors'}" if done else "h2load output not parsed",
+        "RSS series (s: MiB): " + ", ".join(f"{t}: {r / MIB:.1f}" for t, r in samples),
+        f"RSS first {rss[0] / MIB:.1f} MiB, last {rss[-1] / MIB:.1f} MiB, max {max(rss) / MIB:.1f} MiB "
+        f"(last - first: {(rss[-1] - rss[0]) / MIB:+.1f} MiB)",
+    ]
+
+
+def summarize_profile(path: Path, requests: int, ours: str = "mitm_outpost") -> list[str]:
+    """From py-spy's raw (collapsed) stacks: CPU time per request by self time of each function (line
+    numbers dropped), split into our code (addons/mitm_outpost), mitmproxy and the rest; and the
+    inclusive time of our hooks (stacks through one of our functions, the runner's main() aside)."""
+    from collections import Counter
+    self_time: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    in_ours = 0
+    total = 0
+    def is_ours(frame: str) -> bool:
+        return f"{ours}/" in frame and f"{ours}/__main__.py" not in frame
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        self_time[frames[-1]] += n
+        mine = {f for f in frames if is_ours(f)}
+        for f in mine:
+            incl[f] += n
+        in_ours += n if mine else 0
+    rate = 250  # --rate of profile()
+    def us(samples: int) -> float:
+        return samples / rate / requests * 1e6
+    def area(frame: str) -> str:
+        return "ours" if f"{ours}/" in frame else "mitmproxy" if "mitmproxy/" in frame else "other"
+    by_area: Counter[str] = Counter()
+    for f, n in self_time.items():
+        by_area[area(f)] += n
+    lines = [f"py-spy, {total} samples at {rate}/s over {requests:,} requests: {us(total):.0f} µs of CPU per request; "
+             f"self time: ours {us(by_area['ours']):.0f} µs, mitmproxy {us(by_area['mitmproxy']):.0f} µs, "
+             f"other (asyncio, stdlib...) {us(by_area['other']):.0f} µs; inside our hooks, inclusive of what they call: "
+             f"{us(in_ours):.0f} µs",
+             "", "| top self time (function) | area | µs / request |", "|---|---|---:|"]
+    for f, n in self_time.most_common(15):
+        lines.append(f"| `{f}` | {area(f)} | {us(n):.1f} |")
+    lines += ["", "| our functions, inclusive | µs / request |", "|---|---:|"]
+    for f, n in incl.most_common(12):
+        lines.append(f"| `{f}` | {us(n):.1f} |")
+    return lines
 
 
 # ---------------------------------------------------------------- main
@@ -554,8 +908,9 @@ def profile(args: argparse.Namespace, procs: Processes, pid: int) -> subprocess.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 s per measurement, 1 s warm-up, 2 rounds: seven "
-                        "setups, whole run about 1 min (an explicit --duration/--warmup/--rounds wins)")
+    parser.add_argument("--quick", action="store_true", help="2 s per measurement, 1 s warm-up, 1 round: eleven "
+                        "setups plus memory, Redis and replicas, whole run about 1 min (an explicit "
+                        "--duration/--warmup/--rounds wins; no soak unless --soak)")
     parser.add_argument("--duration", type=int, help="seconds per measurement (default 10)")
     parser.add_argument("--warmup", type=int, help="seconds of discarded load before each measurement (default 3)")
     parser.add_argument("--rounds", type=int, help="rounds of the measurements; medians are "
@@ -566,19 +921,31 @@ def main() -> None:
     parser.add_argument("--profile", metavar="FILE", help="record the outpost (see --profile-setup) under load "
                         "(first round) with py-spy "
                         "(.venv/bin/pip install py-spy) into FILE: .svg flame graph, .txt collapsed stacks, else speedscope JSON")
-    parser.add_argument("--profile-setup", choices=["outpost", "outpost_skip", "outpost_header", "fwd_outpost", "bare", "fwd_bare"], default="outpost",
+    parser.add_argument("--profile-setup", choices=["outpost", "outpost_skip", "outpost_header", "fwd_outpost", "bare", "fwd_bare", "lean", "lean_skip", "lean_log", "fwd_lean"], default="outpost",
                         help="which process --profile records: the outpost in proxy mode (default), the outpost "
                         "behind nginx auth_request, the outpost with 100 skip rules or with header auth, or the bare mitmdump of "
                         "either mode, for comparison")
+    parser.add_argument("--sessions", type=int, help="sessions for the memory measurements "
+                        "(in-process MemoryStore and Redis; default 100000, --quick 10000)")
+    parser.add_argument("--soak", type=float, metavar="MINUTES", help="after the table, hold ~80 %% of the lean "
+                        "runner's signed-in req/s for MINUTES (h2load --rps) and sample its RSS every 10 s")
+    parser.add_argument("--no-extras", action="store_true", help="only the throughput table (and --soak): no memory, "
+                        "Redis or replica measurements")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", metavar="MODE:N", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
         asyncio.run(serve_upstream(args.serve_upstream))
         return
+    if args.memory_probe:
+        mode, n = args.memory_probe.split(":")
+        memory_probe(mode, int(n))
+        return
     quick = (2, 1) if args.quick else (10, 3)
     args.duration = quick[0] if args.duration is None else args.duration
     args.warmup = quick[1] if args.warmup is None else args.warmup
-    args.rounds = (2 if args.quick else 3) if args.rounds is None else args.rounds
+    args.rounds = (1 if args.quick else 3) if args.rounds is None else args.rounds
+    args.sessions = (10_000 if args.quick else 100_000) if args.sessions is None else args.sessions
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the children
 
     load = Load(args.connections, args.threads, args.load_tool)
@@ -614,28 +981,46 @@ def addons_mtime() -> float:
 NO_METRICS = ("--set", "metrics_port=0")
 
 
-def start_outpost(procs: Processes, tmp: Path, mitmdump: str, confdir: str, up_port: int, idp_port: int,
-                  providers: dict[str, tuple[int, str]]) -> tuple[subprocess.Popen, list[str], int]:
-    """One outpost whose proxy providers, {name: (skip rules, more YAML lines)}, are all in front of
-    the upstream, at http://<name>.outpost.test:<port> with client `<name>-client`."""
-    port = free_port()
-    config = tmp / "outpost.yaml"
-    config.write_text(OUTPOST_CONFIG.format(providers="".join(
-        OUTPOST_PROVIDER.format(name=name, hostname=f"{name}.{OUTPOST_DOMAIN}", host=HOST, port=port, upstream=up_port,
-                                idp=idp_port, extra=skip_rules_yaml(rules) + extra)
-        for name, (rules, extra) in providers.items())))
-    argv = [mitmdump, "-q", "-s", "addons/outpost.py", "--set", confdir, "--set", f"outpost_config={config}",
+# The production runner (README "Running in production"): the same --set options on a lean Master.
+# PYTHONPATH=addons so that it runs this checkout's code whether or not the editable install exists.
+LEAN_ENV = {"PYTHONPATH": str(ROOT / "addons")}
+ACCESS_LOG_OFF = ("--set", "outpost_access_log=off")
+
+
+def outpost_argv(runner: str, confdir: str, config: Path, port: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """`mitmdump -q -s addons/outpost.py` (runner "mitmdump") or `python -m mitm_outpost` ("lean"),
+    with the same --set options."""
+    head = ([str(VENV_BIN / "mitmdump"), "-q", "-s", "addons/outpost.py"] if runner == "mitmdump"
+            else [sys.executable, "-m", "mitm_outpost"])
+    return [*head, "--set", confdir, "--set", f"outpost_config={config}",
             "--set", f"outpost_http_port={port}", "--set", "outpost_https_port=0",
-            "--set", f"outpost_listen_host={HOST}", "--set", "listen_port=0", *NO_METRICS]
-    return procs.start("outpost", argv), argv, port
+            "--set", f"outpost_listen_host={HOST}", "--set", "listen_port=0", *NO_METRICS, *extra]
+
+
+def start_outpost(procs: Processes, tmp: Path, mitmdump: str, confdir: str, up_port: int, idp_port: int,
+                  providers: dict[str, tuple[int, str]], runner: str = "mitmdump", name: str = "outpost",
+                  extra: tuple[str, ...] = (), port: int | None = None, external_port: int | None = None,
+                  outpost_yaml: str = "") -> tuple[subprocess.Popen, list[str], int]:
+    """One outpost whose proxy providers, {name: (skip rules, more YAML lines)}, are all in front of
+    the upstream, at http://<name>.outpost.test:<port> with client `<name>-client` (<port>: the
+    outpost's own, or `external_port` when it sits behind nginx)."""
+    port = port or free_port()
+    config = tmp / f"{name}.yaml"
+    config.write_text(OUTPOST_CONFIG.format(providers="".join(
+        OUTPOST_PROVIDER.format(name=p, hostname=f"{p}.{OUTPOST_DOMAIN}", host=HOST, port=external_port or port,
+                                upstream=up_port, idp=idp_port, extra=skip_rules_yaml(rules) + more)
+        for p, (rules, more) in providers.items())).replace("outpost:\n", "outpost:\n" + outpost_yaml, 1))
+    argv = outpost_argv(runner, confdir, config, port, extra)
+    return procs.start(name, argv, LEAN_ENV if runner == "lean" else None), argv, port
 
 
 def start_forward_auth(procs: Processes, tmp: Path, nginx: str, mitmdump: str, confdir: str,
                        up_port: int, idp_port: int) -> dict[str, Setup]:
-    """nginx (docs/forward-auth/nginx-single.conf + keep-alive) in front of the upstream, twice:
-    asking a bare mitmdump that answers 200 to everything, and asking the outpost (forward_single),
-    signed in through that nginx like a browser at http://app.example.test:<port>."""
-    bare_port, bare_front, outpost_port, outpost_front = (free_port() for _ in range(4))
+    """nginx (docs/forward-auth/nginx-single.conf + keep-alive) in front of the upstream, three times:
+    asking a bare mitmdump that answers 200 to everything, asking the outpost under mitmdump, and
+    asking the lean runner (python -m mitm_outpost, access log off), each forward_single and signed in
+    through its nginx like a browser at http://app.example.test:<port>."""
+    bare_port, bare_front = free_port(), free_port()
     upstream = f"http://{HOST}:{up_port}"
 
     script = tmp / "bare_auth.py"
@@ -643,35 +1028,41 @@ def start_forward_auth(procs: Processes, tmp: Path, nginx: str, mitmdump: str, c
     bare_argv = [mitmdump, "-q", "-s", str(script), "--set", confdir, "--listen-host", HOST,
                  "--mode", f"reverse:{upstream}@{bare_port}"]
     bare = procs.start("fwd-bare-mitmdump", bare_argv)
-
-    config = tmp / "outpost-forward.yaml"
-    config.write_text(OUTPOST_FORWARD_CONFIG.format(domain=FORWARD_DOMAIN, port=outpost_front, host=HOST, idp=idp_port))
-    outpost_argv = [mitmdump, "-q", "-s", "addons/outpost.py", "--set", confdir, "--set", f"outpost_config={config}",
-                    "--set", f"outpost_http_port={outpost_port}", "--set", "outpost_https_port=0",
-                    "--set", f"outpost_listen_host={HOST}", "--set", "listen_port=0", *NO_METRICS]
-    outpost = procs.start("fwd-outpost", outpost_argv)
     wait_http(f"http://{HOST}:{bare_port}/", procs, bare)
-    wait_http(f"http://{HOST}:{outpost_port}/outpost.goauthentik.io/ping", procs, outpost, expect=204)
+
+    auth_servers = {"fwd_bare": (bare_front, bare_port, bare_argv, bare.pid)}
+    # trusted_proxies is set explicitly for the lean runner: at the time of writing, `python -m mitm_outpost`
+    # does not apply that option's default (127.0.0.0/8), so it answers nginx's checks 403 without it.
+    for key, runner, extra in (("fwd_outpost", "mitmdump", ()),
+                               ("fwd_lean", "lean", (*ACCESS_LOG_OFF, "--set", "trusted_proxies=127.0.0.0/8"))):
+        port, front = free_port(), free_port()
+        config = tmp / f"{key}.yaml"
+        config.write_text(OUTPOST_FORWARD_CONFIG.format(domain=FORWARD_DOMAIN, port=front, host=HOST, idp=idp_port))
+        argv = outpost_argv(runner, confdir, config, port, extra)
+        proc = procs.start(key, argv, LEAN_ENV if runner == "lean" else None)
+        wait_http(f"http://{HOST}:{port}/outpost.goauthentik.io/ping", procs, proc, expect=204)
+        auth_servers[key] = (front, port, argv, proc.pid)
 
     setups: dict[str, Setup] = {}
-    for key, label, front, auth, auth_argv, pid in (
-        ("fwd_bare", "nginx auth_request → bare mitmdump", bare_front, bare_port, bare_argv, bare.pid),
-        ("fwd_outpost", "nginx auth_request → outpost", outpost_front, outpost_port, outpost_argv, outpost.pid),
-    ):
+    for key, label in (("fwd_bare", "nginx auth_request → bare mitmdump"),
+                       ("fwd_outpost", "nginx auth_request → outpost (mitmdump)"),
+                       ("fwd_lean", "nginx auth_request → lean runner")):
+        front, auth, auth_argv, pid = auth_servers[key]
         proc, nginx_argv = start_nginx(procs, tmp, f"nginx-{key}", nginx, forward_auth_servers(front, auth, up_port))
         # /outpost.goauthentik.io/ goes to the auth server without auth_request: proves nginx -> it.
         ping = f"http://{HOST}:{front}/outpost.goauthentik.io/ping"
-        wait_http(ping, procs, proc, expect=204 if key == "fwd_outpost" else 200)
+        wait_http(ping, procs, proc, expect=200 if key == "fwd_bare" else 204)
         host = f"Host: app.{FORWARD_DOMAIN}:{front}"
         setups[key] = Setup(label, f"http://{HOST}:{front}/bench", auth_argv, pid, (host,), nginx_argv)
 
     check_proxied(setups["fwd_bare"].url, setups["fwd_bare"].headers, user="")  # 200 'hello ': no identity
-    fwd = setups["fwd_outpost"]
-    cookie = log_in(f"http://app.{FORWARD_DOMAIN}:{outpost_front}", LoopbackTransport())
-    fwd.headers = (f"Cookie: {cookie}", *fwd.headers)
-    check_proxied(fwd.url, fwd.headers)
-    print(f"forward auth: signed in as {USER} through nginx at app.{FORWARD_DOMAIN}:{outpost_front}, "
-          f"upstream answers 'hello {USER}'", flush=True)
+    for key in ("fwd_outpost", "fwd_lean"):
+        fwd, front = setups[key], auth_servers[key][0]
+        cookie = log_in(f"http://app.{FORWARD_DOMAIN}:{front}", LoopbackTransport())
+        fwd.headers = (f"Cookie: {cookie}", *fwd.headers)
+        check_proxied(fwd.url, fwd.headers)
+        print(f"{fwd.label}: signed in as {USER} through nginx at app.{FORWARD_DOMAIN}:{front}, "
+              f"upstream answers 'hello {USER}'", flush=True)
     return setups
 
 
@@ -705,8 +1096,9 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
     wait_http(f"http://{HOST}:{outpost_port}/outpost.goauthentik.io/ping", procs, outpost, expect=204)
     url = f"http://{HOST}:{outpost_port}/bench"
     setups = {
-        "direct": Setup("direct (upstream)", upstream + "/bench", upstream_argv, count_non_200=False),
-        "bare": Setup("bare mitmdump", f"http://{HOST}:{bare_port}/bench", bare_argv, bare.pid),
+        "direct": Setup("nginx direct (ceiling)" if find_nginx() else "direct (python upstream, ceiling)",
+                        upstream + "/bench", upstream_argv, count_non_200=False),
+        "bare": Setup("bare mitmdump -q", f"http://{HOST}:{bare_port}/bench", bare_argv, bare.pid),
     }
     for key, name, label, rules in (("outpost", "bench", "outpost (signed in)", 1),
                                     ("outpost_skip", "skip", f"outpost, {SKIP_RULES} skip rules (signed in)", SKIP_RULES)):
@@ -724,6 +1116,25 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
     print(f"header auth at header.{OUTPOST_DOMAIN}: an ID token of the IdP for header-client, sent as a bearer "
           f"token without a cookie, upstream answers 'hello {USER}'", flush=True)
     setups["outpost_header"] = Setup("outpost, header auth (warm cache)", url, outpost_argv, outpost.pid, (bearer, host))
+    # The lean runner, twice (same config, provider `bench` with its 1 skip rule): access log off, and
+    # the default JSON access log (one line per request to stderr, here a file) to show what it costs.
+    lean_pids: dict[str, int] = {}
+    for key, label, extra in (("lean", "lean runner, signed in", ACCESS_LOG_OFF),
+                              ("lean_log", "lean runner, signed in, access log json", ())):
+        proc, argv, port = start_outpost(procs, tmp, mitmdump, confdir, up_port, idp_port, {"bench": (1, "")},
+                                         runner="lean", name=key, extra=extra)
+        wait_http(f"http://{HOST}:{port}/outpost.goauthentik.io/ping", procs, proc, expect=204)
+        host = f"Host: bench.{OUTPOST_DOMAIN}:{port}"
+        lean_url = f"http://{HOST}:{port}/bench"
+        if key == "lean":
+            skip_url = f"http://{HOST}:{port}{SKIP_PATH}bench"
+            check_proxied(skip_url, [host], user="")
+            setups["lean_skip"] = Setup("lean runner, no auth (skip rule)", skip_url, argv, proc.pid, (host,))
+        cookie = log_in(f"http://bench.{OUTPOST_DOMAIN}:{port}", LoopbackTransport())
+        check_proxied(lean_url, [f"Cookie: {cookie}", host])
+        print(f"{label}: signed in as {USER}, upstream answers 'hello {USER}'", flush=True)
+        setups[key] = Setup(label, lean_url, argv, proc.pid, (f"Cookie: {cookie}", host))
+        lean_pids[key] = proc.pid
     nginx = find_nginx()
     if nginx:
         setups.update(start_forward_auth(procs, tmp, nginx, mitmdump, confdir, up_port, idp_port))
@@ -750,7 +1161,7 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
             if spy:
                 spy.wait(30)
                 print(f"  profile of {s.label} under load: {args.profile}", flush=True)
-    for key in ("outpost", "outpost_skip", "outpost_header", "fwd_outpost"):  # still signed in: no number came from login redirects
+    for key in ("outpost", "outpost_skip", "outpost_header", "fwd_outpost", "lean", "lean_log", "fwd_lean"):  # still signed in: no number came from login redirects
         if key in setups:
             check_proxied(setups[key].url, setups[key].headers)
     if addons_mtime() != mtime:
@@ -774,7 +1185,57 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
         info["forward auth"] = (f"nginx (1 worker) with {FORWARD_TEMPLATE.relative_to(ROOT)}, except `upstream {{ keepalive "
                                 f"{KEEPALIVE}; }}` to the auth server and to the upstream, HTTP/1.1 and `Connection: \"\"` "
                                 f"to the auth server; outpost provider mode forward_single")
+    lean = setups["lean"]
+    info["lean runner"] = (f"`PYTHONPATH=addons python -m mitm_outpost` with the --set options of the mitmdump outpost; "
+                           f"provider bench (1 skip rule); `outpost_access_log=off` except the 'access log json' row "
+                           f"(default JSON lines to stderr, here a file); metrics_port=0 on every outpost")
     report(rounds, info, short=args.duration < 5)
+    print(f"\nLean runner (signed-in row) RSS after the rounds: {rss_bytes(lean.pid) / MIB:.1f} MiB "  # type: ignore[arg-type]
+          f"(access-log row: {rss_bytes(setups['lean_log'].pid) / MIB:.1f} MiB)", flush=True)  # type: ignore[arg-type]
+    if args.profile:
+        prof_key = args.profile_setup
+        if Path(args.profile).suffix == ".txt" and rounds[prof_key][0].requests:
+            first = rounds[prof_key][0]
+            # py-spy covered warm-up + measurement: count the warm-up's requests at the measured rate
+            requests = int(first.requests * (args.warmup + args.duration) / args.duration)
+            print(f"\n## Profile of {setups[prof_key].label} (first round, warm-up + measurement)\n")
+            print("\n".join(summarize_profile(Path(args.profile), requests)))
+    t0 = time.monotonic()
+    if args.soak:
+        print("\n## Soak\n", flush=True)
+        print("\n".join(soak(args, load, lean, median(rounds["lean"]).rps, procs)), flush=True)
+    if args.no_extras:
+        return
+    print(f"\n## Memory per session ({args.sessions:,} sessions)\n", flush=True)
+    mem = session_memory(args.sessions, ("rss",) if args.quick else ("rss", "tracemalloc"))  # --quick: RSS only
+    rss = mem["rss"]
+    print("| store | measured | before | after | per session | target |")
+    print("|---|---|---:|---:|---:|---|")
+    for m, how in ((rss, "VmRSS of a fresh Python process"), (mem.get("tracemalloc"), "tracemalloc (Python allocations still held)")):
+        if m is None:
+            continue
+        per = (m["after"] - m["before"]) / m["n"]
+        print(f"| MemoryStore, in-process | {how} | {m['before'] / MIB:.1f} MiB | {m['after'] / MIB:.1f} MiB "
+              f"| {per:,.0f} B | <= 2048 B {'✓' if per <= 2048 else '✗ missed'} |")
+    redis_info = start_redis(procs, tmp)
+    if redis_info:
+        redis_port, redis_version = redis_info
+        rm = redis_memory(redis_port, args.sessions)
+        per = (rm["after"] - rm["before"]) / args.sessions
+        print(f"| RedisStore ({redis_version}) | INFO memory used_memory, {rm['keys']:,} keys "
+              f"(session + user index + sid index each) | {rm['before'] / MIB:.1f} MiB | {rm['after'] / MIB:.1f} MiB "
+              f"| {per:,.0f} B | <= 2048 B {'✓' if per <= 2048 else '✗ missed'} |")
+        print(f"\nA typical session: {rss.get('headers', '?')} identity headers (legacy ones included), {rss['header_bytes']} "
+              f"bytes of names and values in wire form, the X-authentik-jwt value being a {rss['jwt_bytes']}-byte JWT that is "
+              f"also the id_token (in memory: a bytes copy in the headers and the str id_token; in Redis JSON: once); "
+              f"Redis value {rm['value_bytes']} bytes of JSON; {args.sessions:,} RedisStore.put (32 in flight) took "
+              f"{rm['seconds']:.1f} s.", flush=True)
+    else:
+        print("\nredis-server not installed: no Redis figures (apt-get install redis-server)", flush=True)
+    if redis_info and nginx:
+        print("\n## Two lean replicas sharing Redis behind nginx\n", flush=True)
+        print("\n".join(replicas(args, load, procs, tmp, nginx, confdir, up_port, idp_port, redis_info[0])), flush=True)
+    print(f"\n(memory, Redis, replica{', soak' if args.soak else ''} measurements took {time.monotonic() - t0:.0f} s)")
 
 
 if __name__ == "__main__":
