@@ -14,12 +14,19 @@ from mitmproxy.addonmanager import Loader
 from .decision import METADATA_KEY
 
 access_logger = logging.getLogger("mitm_outpost.access")
-FORMATS = ("json", "text", "off")
+FORMATS = ("auto", "json", "text", "off")
 
 
 class AccessLog:
+    def __init__(self, interactive: bool = False) -> None:
+        # mitmdump and mitmweb show every flow themselves (and pass each log line to all their
+        # addons, which costs more than the line): there, `auto` is off; in the lean runner, json.
+        self.auto = "off" if interactive else "json"
+
     def load(self, loader: Loader) -> None:
-        loader.add_option("outpost_access_log", str, "json", "One line per request: json, text or off.", choices=FORMATS)
+        loader.add_option("outpost_access_log", str, "auto",
+                          "One line per request: json, text, off, or auto (json in the lean runner, off in mitmdump/mitmweb).",
+                          choices=FORMATS)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.write(flow, flow.response.status_code if flow.response else 0)
@@ -29,6 +36,8 @@ class AccessLog:
 
     def write(self, flow: http.HTTPFlow, status: int) -> None:
         style = ctx.options.outpost_access_log
+        if style == "auto":
+            style = self.auto
         if style == "off":
             return
         record = flow.metadata.get(METADATA_KEY) or {}

@@ -32,7 +32,7 @@ def build(registry: Registry | None = None, interactive: bool = True) -> list[ob
         Listeners(registry),  # ports 9000/9443, certificates
         Metrics(registry),  # port 9300: /metrics, /ping; request metrics
         Lifecycle(registry),  # SIGHUP reloads the configuration, SIGTERM drains
-        AccessLog(),  # one structured line per request
+        AccessLog(interactive),  # one structured line per request
         Routing(registry),  # 1. provider by Host (or a trusted proxy's forwarded URL); health
         Sanitize(),  # 2. drop forged identity headers and outpost cookies
         Endpoints(registry),  # 3. start, callback, sign_out, back-channel logout
