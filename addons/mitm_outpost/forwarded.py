@@ -30,6 +30,7 @@ AUTH_PATHS = {
     f"{prefix}auth/{kind.value}": kind for prefix in ("/outpost.goauthentik.io/", "/akprox/") for kind in ProxyKind
 }
 LEGACY_QUERY_PATH = "/akprox/auth"
+LEGACY_QUERY_KINDS = (ProxyKind.NGINX.value, ProxyKind.TRAEFIK.value)
 ENVOY_PREFIX = f"{AUTH_PREFIX}envoy"
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
@@ -59,8 +60,10 @@ def auth_kind(path: str, query: str) -> ProxyKind | None:
     """Which forward-auth endpoint a request path names, if any."""
     if path.startswith(ENVOY_PREFIX) and (len(path) == len(ENVOY_PREFIX) or path[len(ENVOY_PREFIX)] == "/"):
         return ProxyKind.ENVOY
-    if path == LEGACY_QUERY_PATH and query in (ProxyKind.NGINX.value, ProxyKind.TRAEFIK.value):
+    if path == LEGACY_QUERY_PATH and query in LEGACY_QUERY_KINDS:
         return ProxyKind(query)
+    if path.lower().startswith(LEGACY_QUERY_PATH + "%3f") and path[len(LEGACY_QUERY_PATH) + 3:] in LEGACY_QUERY_KINDS:
+        return ProxyKind(path[len(LEGACY_QUERY_PATH) + 3:])  # nginx escapes the `?` of `auth_request /akprox/auth?nginx`
     return AUTH_PATHS.get(path)
 
 
@@ -95,12 +98,13 @@ def original_request(kind: ProxyKind, request: http.Request, path: str, query: s
     headers = request.headers
     host_header = headers.get("Host", "")
     if kind is ProxyKind.NGINX:
+        host = headers.get("X-Forwarded-Host") or host_header  # seed 002's config sends only that
         if uri := headers.get("X-Original-URI"):
             scheme = headers.get("X-Forwarded-Proto", "http")
-            return _build(scheme, host_header, uri)
+            return _build(scheme, host, uri)
         if url := headers.get("X-Original-URL"):
             return parse_original_url(url)
-        return _build_host_only(host_header)
+        return _build_host_only(host)
     if kind is ProxyKind.ENVOY:
         rest = path[len(ENVOY_PREFIX):] or "/"
         return _build(headers.get("X-Forwarded-Proto", "http"), host_header, rest + (f"?{query}" if query else ""))

@@ -8,6 +8,7 @@ ports, the certificate and the application's `proxy_pass`. It sends the outpost 
 from __future__ import annotations
 
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import httpx2
@@ -43,3 +44,35 @@ def test_seed_004_nginx_standalone(idp: str, upstream: str, tmp_path: Path) -> N
         assert response.status_code == 302 and response.headers["location"] == target
         seen = {k.lower(): v for k, v in client.get(target).json()["headers"]}
         assert seen["x-auth-username"] == "alice" and seen["x-forwarded-email"] == "alice@example.test"
+
+
+def test_seed_002_nginx_needs_only_its_undefined_variable(idp: str, upstream: str) -> None:
+    """seed 002's nginx block uses `$escaped_request_uri`, which nginx does not have: as printed,
+    nginx refuses it. Defined (a one-line map), the rest works as printed: `auth_request
+    /akprox/auth?nginx` (which nginx sends as `/akprox/auth%3Fnginx`), /akprox/start and the callback."""
+    require_or_skip("nginx")
+    port, outpost_port = free_port(), free_port()
+    block = render_text((DOCS_DIR / "seed/002-nginx-standalone.conf").read_text(), outpost_host="127.0.0.1",
+                        outpost_port=outpost_port, placeholders="")
+    block = block.replace("# All your other options...", f"proxy_pass {upstream};")
+    server = f"server {{\n    listen 127.0.0.1:{port};\n    server_name app.example.test;\n{block}\n}}\n"
+    refused = Nginx(server, tempfile.mkdtemp(prefix="seed-"), port=port)
+    try:
+        refused.start()
+        raise AssertionError("nginx accepted an undefined variable")
+    except RuntimeError as e:
+        assert "escaped_request_uri" in str(e)
+    defined = "map $request_uri $escaped_request_uri { default $request_uri; }\n" + server
+    entry = {"name": "seed002", "mode": "forward_single", "external_host": f"http://app.example.test:{port}",
+             "client_id": "seed002", "client_secret": "seed-secret", "issuer": idp}
+    with Outpost([entry], outpost_port), Nginx(defined, tempfile.mkdtemp(prefix="seed-"), port=port):
+        client = httpx2.Client(transport=LoopbackTransport(), follow_redirects=False, headers={"Accept": "text/html"}, timeout=15)
+        target = f"http://app.example.test:{port}/headers"
+        # The seed puts `error_page 401` in the /akprox location, not in `/`: the browser gets the 401 itself.
+        assert client.get(target).status_code == 401
+        start = client.get(f"http://app.example.test:{port}/akprox/start?rd=/headers")
+        assert start.status_code == 302 and start.headers["location"].startswith(idp)
+        response = client.post(start.headers["location"], data={"sub": "alice"})
+        response = client.get(response.headers["location"])  # /akprox/callback through nginx's /akprox location
+        assert response.status_code == 302 and response.headers["location"] == target
+        assert client.get(target).status_code == 200  # nginx's `auth_request /akprox/auth?nginx` now says yes

@@ -23,6 +23,9 @@ def test_paths_are_normalised_once_or_refused(raw: str, expected: str | None) ->
     ("/akprox/auth/nginx", "", ProxyKind.NGINX),
     ("/akprox/auth", "nginx", ProxyKind.NGINX),
     ("/akprox/auth", "traefik", ProxyKind.TRAEFIK),
+    ("/akprox/auth%3Fnginx", "", ProxyKind.NGINX),  # what nginx really sends for seed 002's spelling
+    ("/akprox/auth%3fnginx", "", ProxyKind.NGINX),
+    ("/akprox/auth%3Fother", "", None),
     ("/outpost.goauthentik.io/auth/envoyx", "", None),
     ("/outpost.goauthentik.io/auth/nginx/", "", None),
     ("/outpost.goauthentik.io.x/auth/nginx", "", None),
