@@ -8,7 +8,6 @@ ports, the certificate and the application's `proxy_pass`. It sends the outpost 
 from __future__ import annotations
 
 import tempfile
-import urllib.parse
 from pathlib import Path
 
 import httpx2
