@@ -318,7 +318,7 @@ def test_websocket_hello_ack_and_pushes(ak: AuthentikAPIDouble) -> None:
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=5)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
-    ak.wait_for(lambda: ak.connected == 0, what="disconnect")
+    ak.wait_for(lambda: ak.connected == 0 and client.closed, what="disconnect")  # closed is set by the server thread
     assert ak.send_trigger_update() == 0
     assert client.closed and [m["instruction"] for m in client.messages] == [HELLO, ACK, HELLO]
 

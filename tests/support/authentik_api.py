@@ -821,8 +821,8 @@ class AuthentikAPIDouble:
                 try:
                     self._websocket_loop(conn)
                 finally:
-                    client.closed = True
                     with double._changed:
+                        client.closed = True
                         if conn in double._connections:
                             double._connections.remove(conn)
                         double._changed.notify_all()
