@@ -11,4 +11,4 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mitm_outpost import chain  # noqa: E402
 
-addons = chain.build()
+addons = [chain.build()]

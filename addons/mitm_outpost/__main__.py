@@ -32,14 +32,14 @@ async def run(args: argparse.Namespace) -> int:
     master = Master(opts)
     check = errorcheck.ErrorCheck(repeat_errors_on_stderr=True)
     outpost = chain.build(interactive=False)
-    master.addons.add(proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(), check, *outpost)
+    # mitmdump's order: the outpost's tls_start_server sees a server connection before TlsConfig.
+    master.addons.add(proxyserver.Proxyserver(), outpost, next_layer.NextLayer(), tlsconfig.TlsConfig(), check)
     try:
         opts.set(*args.setoptions)
         # Our addons see every other option once too, defaults included, as mitmdump's script
         # loader shows them: Configuration, for one, acts on defaults (trusted_proxies) only there.
         given = {setting.partition("=")[0] for setting in args.setoptions}
-        for addon in outpost:
-            master.addons.invoke_addon_sync(addon, hooks.ConfigureHook(set(opts.keys()) - given))
+        master.addons.invoke_addon_sync(outpost, hooks.ConfigureHook(set(opts.keys()) - given))
         opts.update(connection_strategy="lazy")
     except exceptions.OptionsError as e:
         print(f"mitm_outpost: {e}", file=sys.stderr)

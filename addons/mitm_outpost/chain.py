@@ -1,8 +1,22 @@
-"""The outpost's addons, in order: one list for `mitmdump -s addons/outpost.py` and the lean runner.
+"""The outpost's addons, in order, behind the one addon mitmproxy sees.
 
 A request walks the chain top to bottom; the first addon that answers sets
 `flow.response`, and every later one then steps aside.
+
+mitmproxy visits every addon object, hook or not, for every event it dispatches: eight
+per proxied request (four HTTP hooks, each followed by `update`). Registered one by one,
+the fifteen addons below cost more CPU in that walk than in their own work (py-spy, see
+BENCHMARKS.md). So mitmproxy sees a single `Chain`, which calls each addon's hooks from
+lists made once, with mitmproxy's own rule: an exception is logged and the next addon
+runs (Upstream's last gate then refuses a request nobody decided on).
 """
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mitmproxy import exceptions, hooks, http, tls
+from mitmproxy.addonmanager import Loader
 
 from .access import Access
 from .access_log import AccessLog
@@ -20,13 +34,86 @@ from .sanitize import Sanitize
 from .session_check import SessionCheck
 from .upstream import Upstream
 
+logger = logging.getLogger("mitm_outpost")
 
-def build(registry: Registry | None = None, interactive: bool = True) -> list[object]:
+# Every mitmproxy hook an addon of the chain may implement; Chain has a method for each.
+FORWARDED = ("load", "configure", "running", "done", "requestheaders", "request", "responseheaders",
+             "response", "error", "tls_start_server")
+
+Hook = Callable[..., Awaitable[None] | None]
+
+
+class Chain:
+    def __init__(self, addons: list[object]) -> None:
+        self.members = tuple(addons)
+        stray = {f"{type(a).__name__}.{name}" for a in addons for name in hooks.all_hooks
+                 if name not in FORWARDED and callable(getattr(a, name, None))}
+        if stray:
+            raise TypeError(f"hooks the chain does not forward: {', '.join(sorted(stray))}")
+        self.hooks: dict[str, tuple[Hook, ...]] = {
+            name: tuple(getattr(a, name) for a in addons if callable(getattr(a, name, None))) for name in FORWARDED
+        }
+
+    def _call(self, name: str, *args: Any) -> None:
+        """The hooks mitmproxy calls synchronously (load, configure, done): ours there are sync."""
+        for hook in self.hooks[name]:
+            try:
+                hook(*args)
+            except (exceptions.AddonHalt, exceptions.OptionsError):
+                raise  # refuses an option change, as from any addon
+            except Exception:
+                logger.exception("addon error in %s", hook.__qualname__)
+
+    async def _run(self, name: str, *args: Any) -> None:
+        for hook in self.hooks[name]:
+            try:
+                pending = hook(*args)
+                if pending is not None:
+                    await pending
+            except exceptions.AddonHalt:
+                raise
+            except Exception:
+                logger.exception("addon error in %s", hook.__qualname__)
+
+    def load(self, loader: Loader) -> None:
+        for addon in self.members:  # what mitmproxy does for each addon it registers itself
+            loader.master.commands.collect_commands(addon)
+        self._call("load", loader)
+
+    def configure(self, updated: set[str]) -> None:
+        self._call("configure", updated)
+
+    async def running(self) -> None:
+        await self._run("running")
+
+    def done(self) -> None:
+        self._call("done")
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        await self._run("requestheaders", flow)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        await self._run("request", flow)
+
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+        await self._run("responseheaders", flow)
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        await self._run("response", flow)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        await self._run("error", flow)
+
+    async def tls_start_server(self, tls_start: tls.TlsData) -> None:
+        await self._run("tls_start_server", tls_start)
+
+
+def build(registry: Registry | None = None, interactive: bool = True) -> Chain:
     """`interactive`: mitmdump/mitmweb/mitmproxy, with the debugging commands and views; the
     lean production runner builds the chain without them."""
     registry = registry or Registry()
     debugging = [Commands(registry)] if interactive else []  # outpost.* commands, JWT and identity views
-    return [*debugging,
+    return Chain([*debugging,
         Configuration(registry),  # mitm_config.yaml -> providers; the session store
         AuthentikSource(registry),  # or/and providers from the authentik API (AUTHENTIK_HOST, AUTHENTIK_TOKEN)
         Listeners(registry),  # ports 9000/9443, certificates
@@ -41,4 +128,4 @@ def build(registry: Registry | None = None, interactive: bool = True) -> list[ob
         ForwardAuth(registry),  # forward auth answers here (2xx, 401 or 302)
         Access(),  # 5-6. unauthenticated paths, login redirect or 401
         Upstream(registry),  # 7-8. backend, forwarding and identity headers
-    ]
+    ])

@@ -148,11 +148,12 @@ def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.shutdown()
 
 
+@pytest.mark.parametrize("tool", ["mitmdump", "lean"])
 @pytest.mark.parametrize("validate, status", [(True, 502), (False, 200)])
-def test_upstream_tls_validation_follows_the_provider(idp: str, tls_upstream: str, validate: bool, status: int) -> None:
+def test_upstream_tls_validation_follows_the_provider(idp: str, tls_upstream: str, validate: bool, status: int, tool: str) -> None:
     port = free_port()
     entry = provider_entry("tls", port, tls_upstream, idp, internal_host_ssl_validation=validate)
-    with Outpost([entry], port) as outpost:
+    with Outpost([entry], port, tool=tool) as outpost:
         client = browser()
         mock_login(client, f"{outpost.url}/")
         response = client.get(f"{outpost.url}/")

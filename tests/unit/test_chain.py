@@ -1,5 +1,6 @@
 """The addon chain driven through mitmproxy's own test helpers, without sockets."""
 
+import logging
 import time
 
 import pytest
@@ -9,6 +10,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from mitm_outpost import decision, names
 from mitm_outpost.access import Access
+from mitm_outpost.chain import Chain
 from mitm_outpost.configuration import Registry
 from mitm_outpost.endpoints import Endpoints
 from mitm_outpost.forward_auth import ForwardAuth
@@ -35,7 +37,7 @@ def flow(path: str = "/", host: str = "app.example.test", headers: dict[str, str
 
 
 async def run(registry: Registry, f: http.HTTPFlow) -> http.HTTPFlow:
-    with taddons.context(*chain(registry)) as tctx:
+    with taddons.context(Chain(chain(registry))) as tctx:
         await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(f))
     return f
 
@@ -211,13 +213,26 @@ async def test_forward_auth_failure_is_never_2xx(forward_registry: Registry, mon
     assert f.response.status_code == 403 and f.metadata["outpost"]["outcome"] == "denied"
 
 
-async def test_an_addon_failure_never_lets_a_request_through(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_addon_failure_never_lets_a_request_through(registry: Registry, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     def broken(self: object, flow: object) -> None:
         raise RuntimeError("bug")
 
     monkeypatch.setattr(Access, "requestheaders", broken)
-    f = await run(registry, flow("/private", headers={"Accept": "text/html"}))
+    with caplog.at_level(logging.ERROR, "mitm_outpost"):
+        f = await run(registry, flow("/private", headers={"Accept": "text/html"}))
     assert f.response.status_code == 403 and "no decision" in f.comment
+    assert "addon error in test_an_addon_failure_never_lets_a_request_through.<locals>.broken" in caplog.text
+    assert "RuntimeError: bug" in caplog.text
+
+
+def test_the_chain_refuses_an_addon_hook_it_would_not_call() -> None:
+    class Sniffer:
+        def websocket_message(self, flow: object) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="Sniffer.websocket_message"):
+        Chain([Sniffer()])
 
 
 def test_empty_answers_are_independent_copies() -> None:

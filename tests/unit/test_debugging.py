@@ -73,5 +73,5 @@ async def test_commands(registry: Registry) -> None:
 def test_lean_runner_has_no_debugging_commands() -> None:
     from mitm_outpost import chain
 
-    assert not [a for a in chain.build(interactive=False) if isinstance(a, Commands)]
-    assert [a for a in chain.build() if isinstance(a, Commands)]
+    assert not [a for a in chain.build(interactive=False).members if isinstance(a, Commands)]
+    assert [a for a in chain.build().members if isinstance(a, Commands)]
