@@ -505,6 +505,19 @@ def median(results: list[Result]) -> Result:
     return sorted(results, key=lambda r: r.rps)[(len(results) - 1) // 2]
 
 
+def combine(slices: list[Result], seconds: int) -> Result:
+    """One round of a setup from its slices (of `seconds` each): req/s and CPU over all of them,
+    the median slice's p50 and p99 (percentiles of different runs do not add up)."""
+    if len(slices) == 1:
+        return slices[0]
+    first, mid = slices[0], median(slices)
+    requests = sum(r.requests or round(r.rps * seconds) for r in slices)
+    cpu = [r.cpu for r in slices if r.cpu is not None]
+    return Result(first.name, first.command, requests / (seconds * len(slices)), mid.p50_ms, mid.p99_ms,
+                  "; ".join(r.errors for r in slices if r.errors), sum(cpu) / len(cpu) if cpu else None,
+                  first.server, requests)
+
+
 def report(rounds: dict[str, list[Result]], info: dict[str, str], short: bool = False) -> None:
     """Each setup's median round; the ratios of medians, and per round when there are several."""
     results = {key: median(rs) for key, rs in rounds.items()}
@@ -894,7 +907,7 @@ def summarize_profile(path: Path, requests: int, ours: str = "mitm_outpost") -> 
 # ---------------------------------------------------------------- main
 
 
-def profile(args: argparse.Namespace, procs: Processes, pid: int) -> subprocess.Popen:
+def profile(args: argparse.Namespace, procs: Processes, pid: int, seconds: int) -> subprocess.Popen:
     """py-spy samples the process under test (the outpost by default, see --profile-setup) for one
     warm-up and measurement, without pausing it (--nonblocking), so it costs that process little;
     that round's numbers are still a bit lower."""
@@ -903,7 +916,7 @@ def profile(args: argparse.Namespace, procs: Processes, pid: int) -> subprocess.
         sys.exit("--profile needs py-spy: .venv/bin/pip install py-spy")
     fmt = {".svg": "flamegraph", ".txt": "raw"}.get(Path(args.profile).suffix, "speedscope")
     return procs.start("py-spy", [spy, "record", "--pid", str(pid), "--nonblocking", "--rate", "250", "--duration",
-                                  str(args.warmup + args.duration), "--format", fmt, "-o", str(Path(args.profile).resolve())])
+                                  str(seconds), "--format", fmt, "-o", str(Path(args.profile).resolve())])
 
 
 def main() -> None:
@@ -915,6 +928,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, help="seconds of discarded load before each measurement (default 3)")
     parser.add_argument("--rounds", type=int, help="rounds of the measurements; medians are "
                         "reported, since a neighbour's burst of CPU can halve one measurement (default 3, --quick 2)")
+    parser.add_argument("--only", metavar="KEYS", help="measure only direct, bare, outpost and these setups "
+                        "(comma-separated keys as for --profile-setup), e.g. --only outpost_skip")
+    parser.add_argument("--slices", type=int, help="each round measures every setup in turn this many times, "
+                        "duration/slices seconds each, and adds them up (default 5, --quick 1)")
     parser.add_argument("--connections", type=int, default=16, help="open connections (default 16, as in spec §7)")
     parser.add_argument("--threads", type=int, default=1, help="load tool threads (default 1)")
     parser.add_argument("--load-tool", choices=["auto", "wrk", "h2load"], default="auto", help="default: wrk if installed")
@@ -945,6 +962,11 @@ def main() -> None:
     args.duration = quick[0] if args.duration is None else args.duration
     args.warmup = quick[1] if args.warmup is None else args.warmup
     args.rounds = (1 if args.quick else 3) if args.rounds is None else args.rounds
+    args.slices = (1 if args.quick else 5) if args.slices is None else args.slices
+    if args.only and args.soak and "lean" not in args.only.split(","):
+        parser.error("--soak measures the lean runner: add lean to --only")
+    if args.duration % args.slices:
+        parser.error(f"--duration {args.duration} is not a whole number of seconds per slice (--slices {args.slices})")
     args.sessions = (10_000 if args.quick else 100_000) if args.sessions is None else args.sessions
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the children
 
@@ -1140,27 +1162,38 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
         setups.update(start_forward_auth(procs, tmp, nginx, mitmdump, confdir, up_port, idp_port))
     else:
         print("nginx not installed: no forward-auth measurement", flush=True)
+    if args.only:
+        setups = {key: s for key, s in setups.items() if key in ("direct", "bare", "outpost", *args.only.split(","))}
     non_200 = tmp / "non200.lua"
     non_200.write_text(NON_200_SCRIPT)
     rounds: dict[str, list[Result]] = {key: [] for key in setups}
+    slice_seconds = args.duration // args.slices
     for n in range(args.rounds):
-        for key, s in setups.items():
-            print(f"round {n + 1}/{args.rounds}, {s.label}: {s.url} ({args.warmup} s warm-up + {args.duration} s)", flush=True)
-            profiled = args.profile and key == args.profile_setup and n == 0
-            spy = profile(args, procs, s.pid) if profiled else None  # type: ignore[arg-type]
-            r = load.run(s.label, s.url, args.duration, list(s.headers), args.warmup, s.pid,
-                         non_200 if s.count_non_200 else None)
-            r.server = shlex.join(s.server) if not s.via else f"{shlex.join(s.via)}` asking `{shlex.join(s.server)}"
-            rounds[key].append(r)
-            print(f"  {r.rps:,.0f} req/s, p99 {fmt(r.p99_ms, '.2f', ' ms')}{', ' + r.errors if r.errors else ''}", flush=True)
-            if any(h.startswith(("Cookie:", "Authorization:")) for h in s.headers) and "not 200" in r.errors:
-                changed = " addons/ changed during the run (mitmdump reloads addons/outpost.py when it changes, " \
-                          "which drops the sessions)." if addons_mtime() != mtime else ""
-                sys.exit(f"{s.label}: {r.errors}: the session (or bearer token) stopped working, so this measured "
-                         f"something else (login redirects, 401s?).{changed}")
-            if spy:
-                spy.wait(30)
-                print(f"  profile of {s.label} under load: {args.profile}", flush=True)
+        # Each round visits every setup `--slices` times for duration/slices seconds: a neighbour's
+        # burst of CPU then hits all setups alike instead of one whole measurement.
+        parts: dict[str, list[Result]] = {key: [] for key in setups}
+        for k in range(args.slices):
+            for key, s in setups.items():
+                warmup = args.warmup if k == 0 else 0
+                print(f"round {n + 1}/{args.rounds}, slice {k + 1}/{args.slices}, {s.label}: {s.url} "
+                      f"({warmup} s warm-up + {slice_seconds} s)", flush=True)
+                profiled = args.profile and key == args.profile_setup and n == 0 and k == 0
+                spy = profile(args, procs, s.pid, warmup + slice_seconds) if profiled else None  # type: ignore[arg-type]
+                r = load.run(s.label, s.url, slice_seconds, list(s.headers), warmup, s.pid,
+                             non_200 if s.count_non_200 else None)
+                r.server = shlex.join(s.server) if not s.via else f"{shlex.join(s.via)}` asking `{shlex.join(s.server)}"
+                parts[key].append(r)
+                print(f"  {r.rps:,.0f} req/s, p99 {fmt(r.p99_ms, '.2f', ' ms')}{', ' + r.errors if r.errors else ''}", flush=True)
+                if any(h.startswith(("Cookie:", "Authorization:")) for h in s.headers) and "not 200" in r.errors:
+                    changed = " addons/ changed during the run (mitmdump reloads addons/outpost.py when it changes, " \
+                              "which drops the sessions)." if addons_mtime() != mtime else ""
+                    sys.exit(f"{s.label}: {r.errors}: the session (or bearer token) stopped working, so this measured "
+                             f"something else (login redirects, 401s?).{changed}")
+                if spy:
+                    spy.wait(30)
+                    print(f"  profile of {s.label} under load: {args.profile}", flush=True)
+        for key, results in parts.items():
+            rounds[key].append(combine(results, slice_seconds))
     for key in ("outpost", "outpost_skip", "outpost_header", "fwd_outpost", "lean", "lean_log", "fwd_lean"):  # still signed in: no number came from login redirects
         if key in setups:
             check_proxied(setups[key].url, setups[key].headers)
@@ -1172,7 +1205,8 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
         "load average before the run": loadavg,
         "upstream": upstream_kind,
         "load tool": f"{load.version()}, {args.threads} thread(s), {args.connections} connections, "
-                     f"{args.warmup} s warm-up + {args.duration} s per measurement, {args.rounds} round(s), "
+                     f"{args.warmup} s warm-up + {args.duration} s per measurement in {args.slices} interleaved slice(s), "
+                     f"{args.rounds} round(s), "
                      + ("median shown" if args.rounds != 2 else "the slower of the 2 rounds shown (--quick: 2 rounds)"),
         "mitmproxy": f"{mitmproxy.version.VERSION}, Python {sys.version.split()[0]}",
     }
@@ -1185,23 +1219,24 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
         info["forward auth"] = (f"nginx (1 worker) with {FORWARD_TEMPLATE.relative_to(ROOT)}, except `upstream {{ keepalive "
                                 f"{KEEPALIVE}; }}` to the auth server and to the upstream, HTTP/1.1 and `Connection: \"\"` "
                                 f"to the auth server; outpost provider mode forward_single")
-    lean = setups["lean"]
+    lean = setups.get("lean")
     info["lean runner"] = (f"`PYTHONPATH=addons python -m mitm_outpost` with the --set options of the mitmdump outpost; "
                            f"provider bench (1 skip rule); `outpost_access_log=off` except the 'access log json' row "
                            f"(default JSON lines to stderr, here a file); metrics_port=0 on every outpost")
     report(rounds, info, short=args.duration < 5)
-    print(f"\nLean runner (signed-in row) RSS after the rounds: {rss_bytes(lean.pid) / MIB:.1f} MiB "  # type: ignore[arg-type]
-          f"(access-log row: {rss_bytes(setups['lean_log'].pid) / MIB:.1f} MiB)", flush=True)  # type: ignore[arg-type]
+    if lean and "lean_log" in setups:
+        print(f"\nLean runner (signed-in row) RSS after the rounds: {rss_bytes(lean.pid) / MIB:.1f} MiB "  # type: ignore[arg-type]
+              f"(access-log row: {rss_bytes(setups['lean_log'].pid) / MIB:.1f} MiB)", flush=True)  # type: ignore[arg-type]
     if args.profile:
         prof_key = args.profile_setup
         if Path(args.profile).suffix == ".txt" and rounds[prof_key][0].requests:
             first = rounds[prof_key][0]
-            # py-spy covered warm-up + measurement: count the warm-up's requests at the measured rate
-            requests = int(first.requests * (args.warmup + args.duration) / args.duration)
-            print(f"\n## Profile of {setups[prof_key].label} (first round, warm-up + measurement)\n")
+            # py-spy covered the warm-up and the first slice: count them at the measured rate
+            requests = int(first.rps * (args.warmup + slice_seconds))
+            print(f"\n## Profile of {setups[prof_key].label} (first round, warm-up + first slice)\n")
             print("\n".join(summarize_profile(Path(args.profile), requests)))
     t0 = time.monotonic()
-    if args.soak:
+    if args.soak and lean:
         print("\n## Soak\n", flush=True)
         print("\n".join(soak(args, load, lean, median(rounds["lean"]).rps, procs)), flush=True)
     if args.no_extras:
