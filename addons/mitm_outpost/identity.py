@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import ada_url
 
 from . import names
-from .sessions import Session
+from .sessions import HeaderFields, Session, shared
 from .urls import HTTP_SCHEMES, has_control_chars
 
 if TYPE_CHECKING:
@@ -43,13 +43,10 @@ def _claim(claims: dict[str, Any], key: str) -> str:
     return _joined(claims.get(key))
 
 
-HeaderFields = tuple[tuple[bytes, bytes], ...]
-
-
 def as_fields(headers: "Iterable[tuple[str, str]]") -> HeaderFields:
     """Header pairs in mitmproxy's wire form, so a request gets them in one tuple concatenation.
     Names and empty values are shared between sessions."""
-    return tuple((_shared(name.encode()), _shared(value.encode("utf-8", "surrogateescape")) if not value else
+    return tuple((shared(name.encode()), shared(value.encode("utf-8", "surrogateescape")) if not value else
                   value.encode("utf-8", "surrogateescape")) for name, value in headers)
 
 
@@ -90,27 +87,18 @@ def build_session(provider: "Provider", claims: dict[str, Any], raw_token: str, 
     if provider.basic_auth is not None:
         extra += basic_upstream(attributes, kept, provider.basic_auth, who)
     backend, backend_error = _backend(ak_proxy, who)
-    return Session(
+    return Session.of(
         provider=provider.name,
         sub=str(claims["sub"]),
         headers=user_headers(kept, raw_token, legacy) + extra,
         # With Basic upstream on, Authorization towards the app is the outpost's alone.
-        replaces=_shared(frozenset({b"host"} | {name.lower() for name, _ in extra} | ({b"authorization"} if provider.basic_auth else set()))),
+        replaces=shared(frozenset({b"host"} | {name.lower() for name, _ in extra} | ({b"authorization"} if provider.basic_auth else set()))),
         expires_at=time.time() + (lifetime or provider.session_lifetime),
         idp_sid=str(claims.get("sid") or ""),
         id_token=id_token if id_token != raw_token else "",
-        claims={"preferred_username": kept.get("preferred_username") or kept.get("sub")},
         backend=backend,
         backend_error=backend_error,
     )
-
-
-_SHARED: dict[Any, Any] = {}
-
-
-def _shared(value: Any) -> Any:
-    """One copy of values most sessions have in common (header names, the `replaces` set)."""
-    return _SHARED.setdefault(value, value) if len(_SHARED) < 10_000 else value
 
 
 def basic_upstream(attributes: dict[str, Any], claims: dict[str, Any], names_: tuple[str, str], who: str) -> HeaderFields:

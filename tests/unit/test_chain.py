@@ -45,7 +45,7 @@ async def run(registry: Registry, f: http.HTTPFlow) -> http.HTTPFlow:
 async def logged_in(registry: Registry) -> str:
     p = registry.providers[0]
     claims = {"sub": "u1", "preferred_username": "alice", "groups": ["a", "b"], "email": "a@x"}
-    session = Session(provider=p.name, sub="u1", headers=user_headers(claims, "tok", True), expires_at=time.time() + 60, claims=claims)
+    session = Session.of(provider=p.name, sub="u1", headers=user_headers(claims, "tok", True), expires_at=time.time() + 60)
     await registry.store.put("sid-1", session)
     return f"{p.cookie_name}=sid-1"
 
@@ -176,7 +176,7 @@ async def test_forward_auth_answers(forward_registry: Registry) -> None:
     session_cookie = None
     p = forward_registry.providers[1]
     claims = {"sub": "u1", "preferred_username": "alice"}
-    await forward_registry.store.put("sid", Session(provider="domain", sub="u1", headers=user_headers(claims, "", True), expires_at=time.time() + 60, claims=claims))
+    await forward_registry.store.put("sid", Session.of(provider="domain", sub="u1", headers=user_headers(claims, "", True), expires_at=time.time() + 60))
     session_cookie = f"{p.cookie_name}=sid"
 
     ok = await run(forward_registry, traefik_check("a.corp.test", "/x", Cookie=session_cookie))

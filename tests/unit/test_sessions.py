@@ -1,10 +1,12 @@
 import time
 
+import pytest
+
 from mitm_outpost.sessions import MemoryStore, PendingLogin, Session, storage_key
 
 
 def session(provider: str = "p", sub: str = "u", ttl: float = 60, sid: str = "") -> Session:
-    return Session(provider=provider, sub=sub, headers=(), expires_at=time.time() + ttl, idp_sid=sid)
+    return Session.of(provider=provider, sub=sub, expires_at=time.time() + ttl, idp_sid=sid)
 
 
 async def test_sessions_expire_on_their_own() -> None:
@@ -48,9 +50,25 @@ def test_redis_encoding_round_trips_and_stays_small() -> None:
 
     claims = {"sub": "u-1", "preferred_username": "alice", "email": "alice@example.test", "name": "Alice", "groups": ["a", "b"]}
     headers = user_headers(claims, "eyJ" + "x" * 900, True) + ((b"X-Team", b"blue"),)
-    session = Session(provider="p", sub="u-1", headers=headers, expires_at=time.time() + 60, idp_sid="sid", id_token="other",
-                      claims={"preferred_username": "alice"}, backend=("http", "b.test", 80, "b.test"),
-                      replaces=frozenset({b"host", b"x-team"}))
+    session = Session.of(provider="p", sub="u-1", headers=headers, expires_at=time.time() + 60, idp_sid="sid", id_token="other",
+                         backend=("http", "b.test", 80, "b.test"), replaces=frozenset({b"host", b"x-team"}))
     raw = encode(session)
     assert decode(raw) == session
     assert len(raw) < 1400
+
+
+def test_headers_are_packed_and_unpacked_as_given() -> None:
+    from mitm_outpost.identity import user_headers
+
+    jwt = "eyJ" + "x" * 900
+    made = [Session.of(provider="p", sub=f"u-{i}", headers=user_headers({"sub": f"u-{i}", "preferred_username": name,
+                                                                         "groups": ["a", "b"]}, jwt, True), expires_at=0)
+            for i, name in enumerate(("alice", "bob"))]
+    alice, bob = made
+    assert alice.headers == user_headers({"sub": "u-0", "preferred_username": "alice", "groups": ["a", "b"]}, jwt, True)
+    assert alice.layout is bob.layout  # one layout for every session with the same header names
+    assert alice.values.count(b"alice") == 1  # X-authentik-username and its legacy copies share one value
+    assert (alice.username, bob.username, alice.id_token_hint) == ("alice", "bob", jwt)
+    assert Session.of(provider="p", sub="u-9", expires_at=0).username == "u-9"
+    with pytest.raises(ValueError, match="line break"):
+        Session.of(provider="p", sub="u", headers=((b"X-Evil", b"a\nb"),), expires_at=0)
