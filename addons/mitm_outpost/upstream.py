@@ -52,7 +52,12 @@ class Upstream:
             host_header = session.backend[3] or host_header
         request = flow.request
         original_host = request.host_header or ""
-        request.scheme, request.host, request.port = scheme, host, port
+        # Straight to the request's data: the property setters would rewrite Host (twice), which
+        # the one rebuild below does anyway.
+        data = request.data
+        data.scheme, data.host, data.port = scheme.encode(), host, port
+        if data.authority:  # HTTP/2 from the client: :authority towards the upstream, as Host
+            data.authority = host_header.encode()
         exchange.proxied = True
         # One rebuild of the header tuple: Sanitize already removed every identity name.
         drop = session.replaces if session is not None else HOST_ONLY

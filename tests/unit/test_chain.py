@@ -91,6 +91,29 @@ async def test_session_gets_identity_and_forwarding_headers(registry: Registry) 
     assert headers["Cookie"] == "a=1; b=2"
     assert headers["X-Forwarded-For"] == "127.0.0.1" and headers["X-Forwarded-Host"] == "app.example.test"
     assert f.metadata["outpost"]["outcome"] == "allowed" and f.metadata["outpost"]["user"] == "alice"
+    assert (f.request.scheme, f.request.host, f.request.port, headers["Host"]) == ("http", "10.0.0.5", 8080, "10.0.0.5:8080")
+
+
+async def test_an_http2_request_goes_upstream_with_the_backend_authority(registry: Registry) -> None:
+    cookie = await logged_in(registry)
+    f = flow("/x", headers={"Cookie": cookie})
+    f.request.http_version, f.request.authority = "HTTP/2.0", "app.example.test"
+    f = await run(registry, f)
+    assert f.metadata["outpost"]["outcome"] == "allowed"
+    assert (f.request.host, f.request.port, f.request.authority, f.request.host_header) == ("10.0.0.5", 8080, "10.0.0.5:8080", "10.0.0.5:8080")
+    assert f.request.headers["X-Forwarded-Host"] == "app.example.test"
+
+
+def test_what_exists_at_start_is_frozen_out_of_the_garbage_collector(registry: Registry) -> None:
+    import gc
+
+    from mitm_outpost.lifecycle import Lifecycle
+
+    try:
+        Lifecycle(registry).running()
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.parametrize("headers", [{"X-Requested-With": "XMLHttpRequest"}, {"Accept": "application/json"}])
@@ -233,6 +256,13 @@ def test_the_chain_refuses_an_addon_hook_it_would_not_call() -> None:
 
     with pytest.raises(TypeError, match="Sniffer.websocket_message"):
         Chain([Sniffer()])
+
+    class Slow:
+        async def response(self, flow: object) -> None:
+            pass
+
+    with pytest.raises(TypeError, match="Slow.response"):
+        Chain([Slow()])
 
 
 def test_empty_answers_are_independent_copies() -> None:
