@@ -11,6 +11,7 @@ lists made once, with mitmproxy's own rule: an exception is logged and the next 
 runs (Upstream's last gate then refuses a request nobody decided on).
 """
 
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -36,9 +37,11 @@ from .upstream import Upstream
 
 logger = logging.getLogger("mitm_outpost")
 
-# Every mitmproxy hook an addon of the chain may implement; Chain has a method for each.
+# Every mitmproxy hook an addon of the chain may implement; Chain has a method for each. Those in
+# SYNC must be plain functions: Chain then calls them without making a coroutine per event.
 FORWARDED = ("load", "configure", "running", "done", "requestheaders", "request", "responseheaders",
              "response", "error", "tls_start_server")
+SYNC = frozenset({"load", "configure", "done", "responseheaders", "response", "error", "tls_start_server"})
 
 Hook = Callable[..., Awaitable[None] | None]
 
@@ -50,17 +53,20 @@ class Chain:
                  if name not in FORWARDED and callable(getattr(a, name, None))}
         if stray:
             raise TypeError(f"hooks the chain does not forward: {', '.join(sorted(stray))}")
+        awaiting = {f"{type(a).__name__}.{name}" for a in addons for name in SYNC
+                    if inspect.iscoroutinefunction(getattr(a, name, None))}
+        if awaiting:
+            raise TypeError(f"hooks the chain calls synchronously, made async: {', '.join(sorted(awaiting))}")
         self.hooks: dict[str, tuple[Hook, ...]] = {
             name: tuple(getattr(a, name) for a in addons if callable(getattr(a, name, None))) for name in FORWARDED
         }
 
     def _call(self, name: str, *args: Any) -> None:
-        """The hooks mitmproxy calls synchronously (load, configure, done): ours there are sync."""
         for hook in self.hooks[name]:
             try:
                 hook(*args)
             except (exceptions.AddonHalt, exceptions.OptionsError):
-                raise  # refuses an option change, as from any addon
+                raise  # e.g. a refused option change, as from any addon
             except Exception:
                 logger.exception("addon error in %s", hook.__qualname__)
 
@@ -95,17 +101,17 @@ class Chain:
     async def request(self, flow: http.HTTPFlow) -> None:
         await self._run("request", flow)
 
-    async def responseheaders(self, flow: http.HTTPFlow) -> None:
-        await self._run("responseheaders", flow)
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._call("responseheaders", flow)
 
-    async def response(self, flow: http.HTTPFlow) -> None:
-        await self._run("response", flow)
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._call("response", flow)
 
-    async def error(self, flow: http.HTTPFlow) -> None:
-        await self._run("error", flow)
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._call("error", flow)
 
-    async def tls_start_server(self, tls_start: tls.TlsData) -> None:
-        await self._run("tls_start_server", tls_start)
+    def tls_start_server(self, tls_start: tls.TlsData) -> None:
+        self._call("tls_start_server", tls_start)
 
 
 def build(registry: Registry | None = None, interactive: bool = True) -> Chain:

@@ -93,4 +93,6 @@ def decide(flow: http.HTTPFlow, outcome: Outcome, reason: str, level: int = logg
     who = f" [{record['provider']}]" if record.get("provider") else ""
     flow.comment = f"outpost{who}: {outcome.value}: {reason}"
     flow.marked = MARKS[outcome]
-    logger.log(level, "%s %s%s %s: %s", flow.request.method, flow.request.host_header, flow.request.path.partition("?")[0], outcome.value, reason)
+    if logger.isEnabledFor(level):  # the arguments cost more than the check (Host is a scan of every header)
+        logger.log(level, "%s %s%s %s: %s", flow.request.method, flow.request.host_header, flow.request.path.partition("?")[0],
+                   outcome.value, reason)

@@ -7,6 +7,7 @@ flows and never walk the addon chain. Label values come from configuration only.
 import asyncio
 import logging
 import time
+from typing import Any
 
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
@@ -32,6 +33,7 @@ class Metrics:
         self.registry = registry
         SESSIONS.set_function(lambda: registry.store.count())
         self.server: asyncio.Server | None = None
+        self.children: dict[tuple[Any, ...], Any] = {}  # labels() is slow; label sets are few and fixed
         registry.on_change.append(self.providers_changed)
 
     def load(self, loader: Loader) -> None:
@@ -46,6 +48,14 @@ class Metrics:
         LAST_UPDATE.clear()
         INFO.labels(*labels).set(1)
         LAST_UPDATE.labels(*labels).set(time.time())
+        self.children.clear()
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, *labels)
+        found = self.children.get(key)
+        if found is None:
+            found = self.children[key] = metric.labels(*labels)
+        return found
 
     def response(self, flow: http.HTTPFlow) -> None:
         record = flow.metadata.get(METADATA_KEY)
@@ -58,9 +68,9 @@ class Metrics:
         name = self.registry.outpost_name
         end = flow.response.timestamp_end if flow.response and flow.response.timestamp_end else time.time()
         kind = "ping" if record.get("reason") in (names.PING, names.LIVE) else "app"
-        REQUESTS.labels(name, method, host, kind).observe(end - flow.request.timestamp_start)
+        self.child(REQUESTS, name, method, host, kind).observe(end - flow.request.timestamp_start)
         if provider is not None:
-            DECISIONS.labels(provider.name, outcome).inc()
+            self.child(DECISIONS, provider.name, outcome).inc()
             reason = record.get("reason", "")
             if reason.startswith("callback: signed in"):
                 LOGINS.labels(provider.name).inc()
@@ -68,8 +78,8 @@ class Metrics:
                 CALLBACK_FAILURES.labels(provider.name, reason.removeprefix("callback: ")[:80]).inc()
             if outcome in ("allowed", "skipped") and flow.response and flow.response.timestamp_start and flow.request.timestamp_end:
                 upstream = provider.upstream
-                UPSTREAM.labels(name, method, upstream.scheme if upstream else "", host,
-                                     upstream.host_header if upstream else "").observe(flow.response.timestamp_start - flow.request.timestamp_end)
+                self.child(UPSTREAM, name, method, upstream.scheme if upstream else "", host,
+                           upstream.host_header if upstream else "").observe(flow.response.timestamp_start - flow.request.timestamp_end)
 
     async def running(self) -> None:
         if ctx.options.metrics_port:
