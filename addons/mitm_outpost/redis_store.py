@@ -134,7 +134,11 @@ class RedisStore:
         raw = await self._call(self.client.get(key))
         if raw is None:
             return None
-        session = decode(raw)
+        try:
+            session = decode(raw)
+        except (ValueError, KeyError, TypeError, IndexError) as e:  # another version's format, or damage
+            logger.warning("redis: session %s… is unreadable (%s: %s); it counts as signed out", key[:24], type(e).__name__, e)
+            return None
         self.local[key] = session
         return session
 

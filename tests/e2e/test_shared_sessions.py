@@ -94,6 +94,17 @@ def test_sessions_live_in_redis_with_their_lifetime_and_stay_small(cluster: Clus
     assert not any(v.encode() in b"".join(r.keys("*")) for v in cookie_values)  # only hashes of cookie values
 
 
+def test_an_unreadable_session_in_redis_means_signing_in_again(cluster: Cluster) -> None:
+    client = browser()
+    cluster.login(client)
+    r = cluster.redis.client()
+    (key,) = r.keys("mo:shared:s:*")
+    r.set(key, b'{"p":"shared","s":"alice","h":[[0,"alice"]]}', keepttl=True)  # an older build's format
+    response = cluster.get(1, client, "/headers")  # replica 1 has not cached it
+    assert response.status_code == 302 and "/outpost.goauthentik.io/start" in response.headers["location"]
+    assert "is unreadable (KeyError" in cluster.replicas[1].output
+
+
 def test_warm_cache_spends_no_redis_command_per_request(cluster: Cluster) -> None:
     client = browser()
     cluster.login(client)
