@@ -55,7 +55,8 @@ def encode(session: Session) -> str:
     """Only what the headers and sign-out need, compactly (a session stays under 2 KiB in Redis)."""
     layout = [[NAME_INDEX.get(name, name.decode("latin-1")), i] for name, i in session.layout]
     doc: dict[str, Any] = {"p": session.provider, "h": layout, "v": session.values.decode("latin-1"), "e": session.expires_at}
-    optional = {"s": session.sub if session.header(UID) != session.sub else None, "i": session.idp_sid, "t": session.id_token, "b": session.backend, "be": session.backend_error,
+    optional = {"s": session.sub if session.header(UID) != session.sub else None, "i": session.idp_sid,
+                "t": session.id_token, "b": session.backend, "be": session.backend_error,
                 "r": [r.decode("latin-1") for r in session.replaces] if session.replaces != DEFAULT_REPLACES else None}
     doc.update({k: v for k, v in optional.items() if v})
     return json.dumps(doc, separators=(",", ":"))
