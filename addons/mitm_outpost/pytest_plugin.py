@@ -81,17 +81,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen[Any], what: str, log: Path, timeout: float = READY_TIMEOUT) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen[Any] | None = None, what: str = "process", log: Path | None = None,
+                  timeout: float = READY_TIMEOUT) -> None:
+    """Until something listens on `port`: a RuntimeError if `proc` exits first, a TimeoutError after
+    `timeout` seconds, each ending with the tail of `log` when there is one."""
+    def tail() -> str:
+        return f":\n{_tail(log)}" if log is not None else ""
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}:\n{_tail(log)}")
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before listening on {port}{tail()}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"{what}: nothing listens on port {port} after {timeout:.0f} s:\n{_tail(log)}")
+    raise TimeoutError(f"{what}: nothing listens on port {port} after {timeout:.0f} s{tail()}")
 
 
 def _tail(log: Path, size: int = 4000) -> str:
@@ -114,7 +120,7 @@ class _Child:
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True)
         try:
-            _wait_for_port(port, self.proc, what, self.log)
+            wait_for_port(port, self.proc, what, self.log)
         except BaseException:
             self.stop()
             raise
