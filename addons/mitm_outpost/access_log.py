@@ -11,10 +11,11 @@ import time
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
-from .decision import METADATA_KEY
+from .decision import METADATA_KEY, printable
 
 access_logger = logging.getLogger("mitm_outpost.access")
 FORMATS = ("auto", "json", "text", "off")
+CLIENT_GONE = "Client disconnected."  # mitmproxy's message
 
 
 class AccessLog:
@@ -32,9 +33,13 @@ class AccessLog:
         self.write(flow, flow.response.status_code if flow.response else 0)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.write(flow, flow.response.status_code if flow.response else 502)
+        """The status the client really got: a streamed response's own, cut short; else none was sent."""
+        if flow.response is not None and flow.response.stream:
+            self.write(flow, flow.response.status_code, incomplete=True)
+        else:  # 499 as nginx logs it: the client went away first
+            self.write(flow, 499 if flow.error and flow.error.msg == CLIENT_GONE else 502)
 
-    def write(self, flow: http.HTTPFlow, status: int) -> None:
+    def write(self, flow: http.HTTPFlow, status: int, incomplete: bool = False) -> None:
         style = ctx.options.outpost_access_log
         if style == "auto":
             style = self.auto
@@ -51,13 +56,16 @@ class AccessLog:
             "path": request.path.partition("?")[0][:2048],
             "status": status,
             "decision": record.get("outcome", ""),
+            "code": record.get("code", ""),
             "reason": record.get("reason", "")[:200],
             "uid": record.get("uid", ""),
             "duration_ms": round((end - request.timestamp_start) * 1000, 2),
         }
         if response is not None and record.get("outcome") in ("allowed", "skipped") and response.timestamp_start and request.timestamp_end:
             line["upstream_ms"] = round((response.timestamp_start - request.timestamp_end) * 1000, 2)
+        if incomplete:
+            line["incomplete"] = True
         if style == "json":
             access_logger.info(json.dumps(line, separators=(",", ":")))
         else:
-            access_logger.info(" ".join(f"{k}={v}" for k, v in line.items()))
+            access_logger.info(" ".join(f"{k}={printable(str(v), 2048)}" for k, v in line.items()))

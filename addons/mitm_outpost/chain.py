@@ -7,41 +7,54 @@ mitmproxy visits every addon object, hook or not, for every event it dispatches:
 per proxied request (four HTTP hooks, each followed by `update`). Registered one by one,
 the fifteen addons below cost more CPU in that walk than in their own work (py-spy, see
 BENCHMARKS.md). So mitmproxy sees a single `Chain`, which calls each addon's hooks from
-lists made once, with mitmproxy's own rule: an exception is logged and the next addon
-runs (Upstream's last gate then refuses a request nobody decided on).
+lists made once.
+
+On the request path it fails closed, unlike mitmproxy's rule of logging an exception and
+calling the next addon (which, in a security pipeline, hands the request on): a step that
+raises answers the request at once, 503 when the session store or the IdP failed (the step's
+`failure_status`), 403 otherwise, and no later step sees that request. Hooks after the
+decision (responses, errors: records and metrics) keep mitmproxy's rule, but for
+`responseheaders`, where a failure replaces the upstream's answer with a 502.
 """
 
 import inspect
 import logging
+import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mitmproxy import exceptions, hooks, http, tls
 from mitmproxy.addonmanager import Loader
 
-from .access import Access
+from . import pages
 from .access_log import AccessLog
 from .authentik import AuthentikSource
 from .configuration import Configuration, Registry
 from .debugging import Commands
+from .decision import Outcome, decide
+from .edge import Edge
 from .endpoints import Endpoints
-from .forward_auth import ForwardAuth
+from .gate import Gate
 from .header_auth import HeaderAuth
 from .lifecycle import Lifecycle
 from .listeners import Listeners
 from .metrics import Metrics
 from .routing import Routing
 from .sanitize import Sanitize
-from .session_check import SessionCheck
+from .session_check import SessionCheck, store_unavailable
+from .sessions import StoreUnavailable
 from .upstream import Upstream
 
 logger = logging.getLogger("mitm_outpost")
 
 # Every mitmproxy hook an addon of the chain may implement; Chain has a method for each. Those in
 # SYNC must be plain functions: Chain then calls them without making a coroutine per event.
-FORWARDED = ("load", "configure", "running", "done", "requestheaders", "request", "responseheaders",
-             "response", "error", "tls_start_server")
-SYNC = frozenset({"load", "configure", "done", "responseheaders", "response", "error", "tls_start_server"})
+FORWARDED = ("load", "configure", "running", "done", "next_layer", "server_connect", "requestheaders", "request",
+             "responseheaders", "response", "error", "tls_start_server")
+SYNC = frozenset({"load", "configure", "done", "next_layer", "server_connect", "responseheaders", "response", "error",
+                  "tls_start_server"})
+
+FLOW_HOOKS = frozenset({"response", "error"})  # their failures are logged without a message (see `where`)
 
 Hook = Callable[..., Awaitable[None] | None]
 
@@ -67,8 +80,11 @@ class Chain:
                 hook(*args)
             except (exceptions.AddonHalt, exceptions.OptionsError):
                 raise  # e.g. a refused option change, as from any addon
-            except Exception:
-                logger.exception("addon error in %s", hook.__qualname__)
+            except Exception as e:
+                if name in FLOW_HOOKS:
+                    logger.error("addon error in %s (%s)", hook.__qualname__, where(e))
+                else:
+                    logger.exception("addon error in %s", hook.__qualname__)
 
     async def _run(self, name: str, *args: Any) -> None:
         for hook in self.hooks[name]:
@@ -95,14 +111,45 @@ class Chain:
     def done(self) -> None:
         self._call("done")
 
+    async def _decide(self, name: str, flow: http.HTTPFlow) -> None:
+        """A request-path hook: the first step that raises answers the request, and the walk ends."""
+        for hook in self.hooks[name]:
+            try:
+                pending = hook(flow)
+                if pending is not None:
+                    await pending
+            except exceptions.AddonHalt:
+                raise
+            except Exception as e:
+                refuse_after_failure(flow, hook, e)
+                return
+
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        await self._run("requestheaders", flow)
+        await self._decide("requestheaders", flow)
+        if flow.response is not None:
+            # Answered by the outpost: no "100 Continue" first, and no body streamed anywhere (the
+            # edge answers at once and discards what is still coming).
+            flow.request.headers.pop("Expect", None)
+            flow.request.stream = False
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        await self._run("request", flow)
+        await self._decide("request", flow)
+
+    def next_layer(self, nextlayer: Any) -> None:
+        self._call("next_layer", nextlayer)
+
+    def server_connect(self, data: Any) -> None:
+        self._call("server_connect", data)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        self._call("responseheaders", flow)
+        for hook in self.hooks["responseheaders"]:
+            try:
+                hook(flow)
+            except Exception as e:
+                logger.error("addon error in %s (%s); the upstream's answer is replaced by a 502", hook.__qualname__, where(e))
+                flow.response = pages.page(502, "Bad gateway", "The outpost could not check the application's answer.")
+                decide(flow, Outcome.DENIED, "step_failed", f"{hook.__qualname__} failed on the response", logging.ERROR)
+                return
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._call("response", flow)
@@ -114,12 +161,36 @@ class Chain:
         self._call("tls_start_server", tls_start)
 
 
+def where(error: BaseException) -> str:
+    """An exception as a flow's log line may show it: its type and where it was raised, never its
+    message or a traceback (either can quote a header, a query string or a body)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    place = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
+    return f"{type(error).__name__}{place}"
+
+
+def refuse_after_failure(flow: http.HTTPFlow, hook: Hook, error: Exception) -> None:
+    """Fail closed: the request is answered here, whatever an earlier step set, and logged without its query."""
+    if isinstance(error, StoreUnavailable):
+        store_unavailable(flow, error)
+        return
+    logger.error("addon error in %s (%s); the request is refused", hook.__qualname__, where(error))
+    status = getattr(getattr(hook, "__self__", None), "failure_status", 403)
+    if status == 503:
+        flow.response = pages.page(503, "Service unavailable", "A service the outpost needs did not answer. Try again in a moment.")
+        flow.response.headers["Retry-After"] = "5"
+    else:
+        flow.response = pages.page(403, "Forbidden", "The outpost could not decide about this request.")
+    decide(flow, Outcome.DENIED, "step_failed", f"{hook.__qualname__} failed ({type(error).__name__}); refused", logging.ERROR)
+
+
 def build(registry: Registry | None = None, interactive: bool = True) -> Chain:
     """`interactive`: mitmdump/mitmweb/mitmproxy, with the debugging commands and views; the
     lean production runner builds the chain without them."""
     registry = registry or Registry()
     debugging = [Commands(registry)] if interactive else []  # outpost.* commands, JWT and identity views
     return Chain([*debugging,
+        Edge(),  # the strict HTTP/1 server and its limits, in place of mitmproxy's lenient one
         Configuration(registry),  # mitm_config.yaml -> providers; the session store
         AuthentikSource(registry),  # or/and providers from the authentik API (AUTHENTIK_HOST, AUTHENTIK_TOKEN)
         Listeners(registry),  # ports 9000/9443, certificates
@@ -131,7 +202,6 @@ def build(registry: Registry | None = None, interactive: bool = True) -> Chain:
         Endpoints(registry),  # 3. start, callback, sign_out, back-channel logout
         SessionCheck(registry),  # 4. cookie -> session
         HeaderAuth(registry),  # 4b. or Authorization: Bearer/Basic -> session
-        ForwardAuth(registry),  # forward auth answers here (2xx, 401 or 302)
-        Access(),  # 5-6. unauthenticated paths, login redirect or 401
-        Upstream(registry),  # 7-8. backend, forwarding and identity headers
+        Gate(registry),  # 5-6. the verdict over the facts above: allow, skip, login, redirect or deny
+        Upstream(registry),  # 7-8. the last gate; backend, forwarding and identity headers
     ])

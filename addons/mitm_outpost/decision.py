@@ -1,8 +1,9 @@
 """The decision record: what the outpost decided about a flow, and why.
 
 One plain dict on `flow.metadata["outpost"]` (so flows can be saved and shown in mitmweb),
-mirrored as a one-line `flow.comment` and a mark. Logs and metrics read this record;
-nobody re-derives a decision. Per-request working data that must never be serialised
+mirrored as a one-line `flow.comment` and a mark. Its `code` is a short fixed reason code,
+which logs and metrics read; its `reason` is the sentence for people. Nobody re-derives a
+decision. Per-request working data that must never be serialised
 (cookie values, the session) lives in `Exchange`, kept beside the flow, not on it.
 """
 
@@ -16,6 +17,7 @@ from mitmproxy import http
 from .forwarded import OriginalRequest, ProxyKind
 from .provider import Provider
 from .sessions import Session
+from .verdict import Verdict
 
 logger = logging.getLogger("mitm_outpost")
 # mitmproxy sets the root logger to DEBUG and every record becomes an event for every addon,
@@ -47,17 +49,22 @@ class Exchange:
     """What the addons of the chain hand each other about one request."""
 
     provider: Provider | None = None
-    path: str = ""
+    path: str = ""  # as sent, without the query
     query: str = ""
+    normal_path: str | None = None  # what the rules judge; None when servers could read it differently
     session_cookie: str = ""
     login_cookie: str = ""
     session: Session | None = None
     set_cookies: list[str] = field(default_factory=list)
     proxied: bool = False  # sent upstream (not answered by the outpost)
-    skipped: bool = False  # an unauthenticated-path rule matched
     header_auth_failed: bool = False  # an Authorization header was tried and did not authenticate
     deferred: bool = False  # an endpoint that needs the body answers in the `request` hook
+    body_limit: int = 0  # for a deferred endpoint: the most body bytes it reads (the edge answers 413 beyond)
     forward: tuple[ProxyKind, OriginalRequest] | None = None  # a forward-auth check, and what it asks about
+    by_header: bool = False  # the session came from an Authorization header, not the cookie
+    verdict: Verdict | None = None  # the Gate's decision; only ALLOW and SKIP go upstream
+    forwarded: tuple[tuple[bytes, bytes], ...] = ()  # Host and X-Forwarded-* as Upstream sets them
+    sent_fields: tuple[tuple[bytes, bytes], ...] | None = None  # the header tuple Upstream made
 
 
 _exchanges: "weakref.WeakKeyDictionary[http.HTTPFlow, Exchange]" = weakref.WeakKeyDictionary()
@@ -86,13 +93,28 @@ def note(flow: http.HTTPFlow, **fields: str) -> None:
     flow.metadata.setdefault(METADATA_KEY, {}).update(fields)
 
 
-def decide(flow: http.HTTPFlow, outcome: Outcome, reason: str, level: int = logging.DEBUG) -> None:
+def decide(flow: http.HTTPFlow, outcome: Outcome, code: str, reason: str, level: int = logging.DEBUG) -> None:
+    """`code`: a short fixed reason code; `reason`: the sentence, never with a query string."""
     record = flow.metadata.setdefault(METADATA_KEY, {})
     record["outcome"] = outcome.value
+    record["code"] = str(code)
     record["reason"] = reason
     who = f" [{record['provider']}]" if record.get("provider") else ""
-    flow.comment = f"outpost{who}: {outcome.value}: {reason}"
+    flow.comment = f"outpost{who}: {outcome.value} ({code}): {reason}"
     flow.marked = MARKS[outcome]
     if logger.isEnabledFor(level):  # the arguments cost more than the check (Host is a scan of every header)
-        logger.log(level, "%s %s%s %s: %s", flow.request.method, flow.request.host_header, flow.request.path.partition("?")[0],
-                   outcome.value, reason)
+        logger.log(level, "%s %s%s %s (%s): %s", printable(flow.request.method), printable(flow.request.host_header or ""),
+                   printable(flow.request.path.partition("?")[0]), outcome.value, code, printable(reason))
+
+
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """A client-supplied string as a log line may hold it: controls escaped (no forged lines), bounded."""
+    return text[:limit].translate(_UNPRINTABLE)
+
+
+def without_query(url: str) -> str:
+    """A URL as logs and decision records show it: never its query string or fragment."""
+    return url.partition("?")[0].partition("#")[0]

@@ -1,7 +1,9 @@
-"""The Endpoints addon: the outpost's own paths (start, callback, sign_out).
+"""The Endpoints addon: the outpost's own paths (start, callback, sign_out, backchannel_logout).
 
 A failed callback (forged, expired, replayed or foreign state; an IdP answer that does not
-verify) ends in a 400 page saying why, and a log line.
+verify) ends in a 400 page saying why, and a log line. Back-channel logout is the one
+endpoint that reads a body: at most BACKCHANNEL_BODY_LIMIT bytes (the edge answers 413
+beyond), and it is answered here, never proxied.
 """
 
 import logging
@@ -12,16 +14,16 @@ from mitmproxy import http
 
 from . import names, pages
 from .configuration import Registry
-from .decision import Exchange, Outcome, decide, exchange_of, note, undecided
+from .decision import Exchange, Outcome, decide, exchange_of, note, printable, undecided, without_query
 from .login import LoginFailed, begin_login, finish_login
 from .oidc import TokenError
 from .provider import Provider
-from .session_check import load_session, store_unavailable
-from .sessions import StoreUnavailable
+from .session_check import load_session
 
 logger = logging.getLogger("mitm_outpost")
 
 ENDPOINT_PATHS = {prefix + name: name for prefix in names.ENDPOINT_PREFIXES for name in names.ENDPOINTS - names.HEALTH}
+BACKCHANNEL_BODY_LIMIT = 64 * 1024  # a logout_token is a few KiB
 
 
 def _rd(query: str) -> str:
@@ -33,6 +35,8 @@ def _rd(query: str) -> str:
 
 
 class Endpoints:
+    failure_status = 503  # a failure here is the store's or the IdP's (see Chain)
+
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.seen_logout_tokens: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=3600)  # jti replay guard
@@ -46,14 +50,16 @@ class Endpoints:
             return
         note(flow, endpoint=endpoint)
         if endpoint == names.BACKCHANNEL_LOGOUT:
+            length = flow.request.headers.get("Content-Length", "0")
+            if not length.isdigit() or int(length) > BACKCHANNEL_BODY_LIMIT:
+                flow.response = pages.json_error(413, "invalid_request", detail=f"the body may hold at most {BACKCHANNEL_BODY_LIMIT} bytes")
+                decide(flow, Outcome.DENIED, "body_too_large", "back-channel logout refused: body too large", logging.WARNING)
+                return
             exchange.deferred = True  # its logout_token is in the body: answered in request()
+            exchange.body_limit = BACKCHANNEL_BODY_LIMIT
             return
         handler = {names.START: self.start, names.CALLBACK: self.callback, names.SIGN_OUT: self.sign_out}[endpoint]
-        try:
-            await handler(flow, exchange, exchange.provider)
-        except StoreUnavailable as e:  # a login in progress cannot go on; starting again will work later
-            exchange.set_cookies.clear()
-            store_unavailable(flow, e)
+        await handler(flow, exchange, exchange.provider)
         for cookie in exchange.set_cookies:
             flow.response.headers.add("Set-Cookie", cookie)  # type: ignore[union-attr]
 
@@ -62,10 +68,7 @@ class Endpoints:
         if flow.response is not None or exchange is None or not exchange.deferred or exchange.provider is None:
             return
         exchange.deferred = False
-        try:
-            await self.backchannel_logout(flow, exchange.provider)
-        except StoreUnavailable as e:
-            store_unavailable(flow, e)
+        await self.backchannel_logout(flow, exchange.provider)
 
     async def backchannel_logout(self, flow: http.HTTPFlow, provider: Provider) -> None:
         """The IdP ends sessions server to server: every session of that `sid`, or of that user."""
@@ -79,40 +82,45 @@ class Endpoints:
             self.seen_logout_tokens[jti] = True
         except TokenError as e:
             flow.response = pages.json_error(400, "invalid_request", detail=str(e))
-            decide(flow, Outcome.DENIED, f"back-channel logout refused: {e}", logging.WARNING)
+            decide(flow, Outcome.DENIED, "logout_token_refused", f"back-channel logout refused: {e}", logging.WARNING)
             return
         if claims.get("sid"):
             ended = await self.registry.store.delete_idp_session(str(claims["sid"]))
         else:
             ended = await self.registry.store.delete_user(provider.name, str(claims["sub"]))
         flow.response = pages.empty(200)
-        decide(flow, Outcome.ENDPOINT, f"back-channel logout: ended {ended} session(s)", logging.INFO)
+        decide(flow, Outcome.ENDPOINT, "backchannel_logout", f"back-channel logout: ended {ended} session(s)", logging.INFO)
 
     async def start(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
         rd = _rd(exchange.query)
         redirect = provider.safe_redirect(rd) if rd else None
         if rd and redirect is None:
-            logger.warning("provider %s: refused rd=%r (not on %s)", provider.name, rd[:200], provider.external_origin)
+            logger.warning("provider %s: refused rd=%r (not on %s)", provider.name, printable(without_query(rd)), provider.external_origin)
+        refused = " (rd refused)" if rd and redirect is None else ""
         redirect = redirect or provider.external_origin + "/"
         flow.response = await begin_login(self.registry, exchange, provider, redirect)
-        decide(flow, Outcome.ENDPOINT, f"start: sent to the identity provider, back to {redirect}" + (" (rd refused)" if rd and not redirect.startswith(rd) else ""))
+        decide(flow, Outcome.ENDPOINT, "start", f"start: sent to the identity provider, back to {without_query(redirect)}{refused}")
 
     async def callback(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
         params = dict(urllib.parse.parse_qsl(exchange.query, keep_blank_values=True))
         retry = (provider.external_origin + names.START_PATH, "Sign in again")
         if "error" in params:
-            reason = f"the identity provider refused the login: {params['error']} {params.get('error_description', '')}".strip()
-            flow.response = pages.page(403, "Sign-in refused", reason, retry)
-            decide(flow, Outcome.DENIED, reason[:200], logging.WARNING)
+            # The error code goes to the record (and the log line, escaped); its free-text description,
+            # which anyone can write into a URL, only to the page.
+            error = printable(params["error"], 80)
+            description = params.get("error_description", "")
+            flow.response = pages.page(403, "Sign-in refused", f"The identity provider refused the login: {error} {description}".strip(), retry)
+            decide(flow, Outcome.DENIED, "idp_refused", f"callback: the identity provider refused the login: {error}", logging.WARNING)
             return
         redirect = await finish_login(self.registry, exchange, provider, params)
         if isinstance(redirect, LoginFailed):
-            flow.response = pages.page(400, "Sign-in failed", str(redirect), retry)
-            decide(flow, Outcome.DENIED, f"callback: {redirect}", logging.WARNING)
+            flow.response = pages.page(400, "Sign-in failed", redirect.message, retry)
+            decide(flow, Outcome.DENIED, redirect.code, f"callback: {redirect.message}", logging.WARNING)
             return
         assert exchange.session is not None
         flow.response = pages.redirect(redirect)
-        decide(flow, Outcome.ENDPOINT, f"callback: signed in as {exchange.session.username}, back to {redirect}", logging.INFO)
+        decide(flow, Outcome.ENDPOINT, "signed_in",
+               f"callback: signed in as {exchange.session.username}, back to {without_query(redirect)}", logging.INFO)
 
     async def sign_out(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
         await load_session(self.registry, exchange)
@@ -120,11 +128,11 @@ class Endpoints:
         exchange.set_cookies.append(provider.clear_cookie(provider.cookie_name))
         if session is None:
             flow.response = pages.page(200, "Signed out", "You are signed out.")
-            decide(flow, Outcome.ENDPOINT, "sign_out: no session")
+            decide(flow, Outcome.ENDPOINT, "sign_out", "sign_out: no session")
             return
         ended = await self.registry.store.delete_user(provider.name, session.sub)
         if provider.idp.end_session_endpoint:
             flow.response = pages.redirect(provider.idp.end_session_url(session.id_token_hint))
         else:
             flow.response = pages.page(200, "Signed out", "You are signed out.")
-        decide(flow, Outcome.ENDPOINT, f"sign_out: ended {ended} session(s) of {session.username}", logging.INFO)
+        decide(flow, Outcome.ENDPOINT, "sign_out", f"sign_out: ended {ended} session(s) of {session.username}", logging.INFO)

@@ -46,6 +46,7 @@ class OriginalRequest:
     host: str  # host[:port] as the browser used it ("" when unknown)
     hostname: str
     path: str | None  # normalised path, None when unknown or ambiguous
+    normal: bool = False  # the path as the proxy forwards it (raw) is already normal: the rules may judge it
 
     @property
     def origin_url(self) -> str:
@@ -134,7 +135,8 @@ def parse_original_url(value: str, raw_path: str | None = None) -> OriginalReque
         after_scheme = value.split("://", 1)[1] if "://" in value else ""
         slash = after_scheme.find("/")
         raw_path = after_scheme[slash:].split("?", 1)[0].split("#", 1)[0] if slash >= 0 else "/"
-    return OriginalRequest(url.href, url.host, url.hostname, normalise_path(raw_path))
+    path = normalise_path(raw_path)
+    return OriginalRequest(url.href, url.host, url.hostname, path, path is not None and path == raw_path)
 
 
 def _build_host_only(host: str) -> OriginalRequest:

@@ -33,6 +33,8 @@ TOKEN_USERNAME = "goauthentik.io/token"
 
 
 class HeaderAuth:
+    failure_status = 503  # a failure here is the IdP's (see Chain)
+
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.caches: dict[str, TTLCache[str, Session]] = {}
@@ -70,6 +72,7 @@ class HeaderAuth:
                 return
             cache[key] = session
         exchange.session = session
+        exchange.by_header = True
         note(flow, session=f"{scheme.lower()} header", user=session.username, uid=session.sub)
 
     async def authenticate(self, provider: Provider, scheme: str, credentials: str) -> Session:

@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import logging
 import time
+from dataclasses import dataclass
 
 import jwt
 from mitmproxy import http
@@ -27,8 +28,12 @@ logger = logging.getLogger("mitm_outpost")
 LOGIN_COOKIE_LENGTH = 43  # secrets.token_urlsafe(32)
 
 
-class LoginFailed(str):
-    """Why a callback could not complete a login (shown to the user and logged)."""
+@dataclass(frozen=True, slots=True)
+class LoginFailed:
+    """Why a callback could not complete a login: a reason code (metrics) and the sentence (user, log)."""
+
+    code: str
+    message: str
 
 
 def _binding(cookie: str) -> str:
@@ -57,25 +62,25 @@ async def begin_login(registry: Registry, exchange: Exchange, provider: Provider
 
 
 
-async def finish_login(registry: Registry, exchange: Exchange, provider: Provider, params: dict[str, str]) -> "str | LoginFailed":
+async def finish_login(registry: Registry, exchange: Exchange, provider: Provider, params: dict[str, str]) -> str | LoginFailed:
     """Complete the login: the session is stored and its cookie queued; returns where to go next."""
     state, code = params.get("state", ""), params.get("code", "")
     if not state or not code:
-        return LoginFailed("the callback lacks its state or code")
+        return LoginFailed("incomplete_callback", "the callback lacks its state or code")
     try:
         claims = jwt.decode(
             state, provider.state_key, algorithms=["HS256"],
             issuer=f"goauthentik.io/outpost/{provider.client_id}", options={"require": ["exp", "state"]},
         )
     except jwt.ExpiredSignatureError:
-        return LoginFailed("the login took too long; its state has expired")
+        return LoginFailed("state_expired", "the login took too long; its state has expired")
     except jwt.PyJWTError:
-        return LoginFailed("the login state is not valid")
+        return LoginFailed("state_invalid", "the login state is not valid")
     login = await registry.store.take_login(str(claims["state"]))
     if login is None or login.provider != provider.name:
-        return LoginFailed("the login state was already used or has expired")
+        return LoginFailed("state_used", "the login state was already used or has expired")
     if not exchange.login_cookie or not hmac.compare_digest(_binding(exchange.login_cookie), login.browser_binding):
-        return LoginFailed("the login was started in another browser")
+        return LoginFailed("other_browser", "the login was started in another browser")
     try:
         token = await provider.idp.exchange_code(code, login.code_verifier, login.redirect_uri)
         id_token = token.get("id_token")
@@ -84,7 +89,7 @@ async def finish_login(registry: Registry, exchange: Exchange, provider: Provide
         verified = await provider.idp.verify_id_token(id_token, login.nonce)
     except TokenError as e:
         logger.warning("provider %s: login failed: %s", provider.name, e)
-        return LoginFailed("the identity provider's answer could not be verified")
+        return LoginFailed("token_unverified", "the identity provider's answer could not be verified")
     access_token = str(token.get("access_token") or "")
     raw_token = access_token if access_token.count(".") == 2 else id_token
     session = build_session(provider, verified, raw_token, id_token, registry.legacy_headers)

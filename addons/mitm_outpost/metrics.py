@@ -67,15 +67,15 @@ class Metrics:
         outcome = record.get("outcome", "")
         name = self.registry.outpost_name
         end = flow.response.timestamp_end if flow.response and flow.response.timestamp_end else time.time()
-        kind = "ping" if record.get("reason") in (names.PING, names.LIVE) else "app"
+        code = record.get("code", "")
+        kind = "ping" if code in names.HEALTH else "app"
         self.child(REQUESTS, name, method, host, kind).observe(end - flow.request.timestamp_start)
         if provider is not None:
             self.child(DECISIONS, provider.name, outcome).inc()
-            reason = record.get("reason", "")
-            if reason.startswith("callback: signed in"):
+            if code == "signed_in":
                 LOGINS.labels(provider.name).inc()
-            elif reason.startswith("callback: "):
-                CALLBACK_FAILURES.labels(provider.name, reason.removeprefix("callback: ")[:80]).inc()
+            elif record.get("endpoint") == names.CALLBACK and outcome == "denied":
+                CALLBACK_FAILURES.labels(provider.name, code).inc()
             if outcome in ("allowed", "skipped") and flow.response and flow.response.timestamp_start and flow.request.timestamp_end:
                 upstream = provider.upstream
                 self.child(UPSTREAM, name, method, upstream.scheme if upstream else "", host,

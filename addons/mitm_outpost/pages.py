@@ -29,11 +29,8 @@ def json_error(status: int, message: str, **details: str) -> http.Response:
     return http.Response.make(status, body, {"Content-Type": "application/json", **NO_STORE})
 
 
-def redirect(location: str, set_cookies: list[str] = ()) -> http.Response:  # type: ignore[assignment]
-    response = http.Response.make(302, b"", {"Location": location, **NO_STORE})
-    for cookie in set_cookies:
-        response.headers.add("Set-Cookie", cookie)
-    return response
+def redirect(location: str, status: int = 302) -> http.Response:
+    return http.Response.make(status, b"", {"Location": location, **NO_STORE})
 
 
 _EMPTY: dict[int, http.Response] = {}

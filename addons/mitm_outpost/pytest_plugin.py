@@ -538,9 +538,13 @@ map $authentik_cookie_1 $authentik_app_cookie {
     "~^(?<before>.*?)(?:;\\s*)?authentik_proxy_[0-9a-f]{8}(?:_login)?=[^;]*(?<after>.*)$" "$before$after";
     default $authentik_cookie_1;
 }
+map $http_upgrade $authentik_upgrade {
+    "~*^websocket$" websocket;
+    default         "";
+}
 map $http_upgrade $authentik_connection_upgrade {
-    default upgrade;
-    ''      '';
+    "~*^websocket$" upgrade;
+    default         "";
 }
 server {
     listen      127.0.0.1:{{port}};
@@ -552,7 +556,7 @@ server {
         proxy_http_version 1.1;
         proxy_set_header   Host $http_host;
         proxy_set_header   Cookie $authentik_app_cookie;
-        proxy_set_header   Upgrade $http_upgrade;
+        proxy_set_header   Upgrade $authentik_upgrade;
         proxy_set_header   Connection $authentik_connection_upgrade;
         proxy_set_header   X-Forwarded-Host $http_host;
         proxy_set_header   X-Forwarded-Proto $scheme;

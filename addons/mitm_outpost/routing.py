@@ -12,8 +12,9 @@ from mitmproxy import http
 
 from . import names, pages
 from .configuration import Registry
-from .decision import Outcome, begin, decide, note
-from .forwarded import auth_kind, original_request, parse_original_url
+from .decision import Outcome, begin, decide, note, printable
+from .edge_rules import fields_violation
+from .forwarded import auth_kind, normalise_path, original_request, parse_original_url
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -28,19 +29,24 @@ class Routing:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.is_replay:
             return
+        if not flow.request.is_http11 and not flow.request.is_http10 and (code := fields_violation(flow.request)):
+            flow.response = pages.page(400, "Bad request", f"The request breaks an HTTP rule ({code}).")
+            decide(flow, Outcome.DENIED, code, "refused at the edge", logging.WARNING)
+            return  # HTTP/1 heads were held to the same rules, byte for byte, by the edge
         path, _, query = flow.request.path.partition("?")
         exchange = begin(flow, path, query)
+        exchange.normal_path = normalise_path(path)
         if health := HEALTH_PATHS.get(path):
             ready = health == names.LIVE or (self.registry.ready and self.registry.store.up)
             flow.response = pages.empty(204 if ready else 503)
-            decide(flow, Outcome.ENDPOINT, health if ready else "ping: providers not loaded yet")
+            decide(flow, Outcome.ENDPOINT, health, health if ready else "ping: providers not loaded yet")
             return
         peer = flow.client_conn.peername[0]
         kind = auth_kind(path, query)
         if kind is not None:
             if not self.registry.is_trusted(peer):
                 flow.response = pages.page(403, "Forbidden", "Forward-auth checks are answered for trusted proxies only.")
-                decide(flow, Outcome.DENIED, f"forward-auth check from untrusted peer {peer}", logging.WARNING)
+                decide(flow, Outcome.DENIED, "untrusted_proxy", f"forward-auth check from untrusted peer {peer}", logging.WARNING)
                 return
             original = original_request(kind, flow.request, path, query)
             exchange.forward = (kind, original)
@@ -58,11 +64,11 @@ class Routing:
                 400, "no app for hostname", host=host,
                 detail=f"Check the outpost settings and make sure '{host}' is included.",
             )
-            decide(flow, Outcome.DENIED, f"no provider serves host {host!r}")
+            decide(flow, Outcome.DENIED, "unknown_host", f"no provider serves host {printable(host)!r}")
             return
         if kind is not None and provider.mode is names.Mode.PROXY:
             flow.response = pages.page(404, "Not found", "This provider is in proxy mode; it answers no forward-auth checks.")
-            decide(flow, Outcome.DENIED, "forward-auth check for a proxy-mode provider")
+            decide(flow, Outcome.DENIED, "proxy_mode_check", "forward-auth check for a proxy-mode provider")
             return
         exchange.provider = provider
         # Until Upstream re-targets it, the flow shows (in mitmweb, logs) the address the client used.

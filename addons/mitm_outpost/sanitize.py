@@ -1,18 +1,27 @@
-"""The Sanitize addon: the upstream never sees what a client forged or what the outpost owns.
+"""The Sanitize addon: the upstream never sees what a client forged, what the outpost owns,
+or what belongs to the client's own connection.
 
 Identity and forwarding headers sent by the client are dropped in every spelling (any case,
-`_` for `-`), and the outpost's cookies are taken out of `Cookie` (their values kept on the
-exchange for the session check). This runs before any decision, so it holds on every path.
+`_` for `-`); the outpost's cookies are taken out of `Cookie` (their values kept on the
+exchange for the session check); hop-by-hop fields (RFC 9110 §7.6.1) are dropped: the
+client's `Connection` and every field it names (so a next hop that honours `Connection` can
+never delete the identity the outpost adds), `Keep-Alive`, `Proxy-Connection`, `TE`,
+`Trailer`, and `Upgrade` unless the request is a WebSocket handshake. Any other upgrade
+(h2c, say) would turn the connection into a tunnel that no check sees. This runs before any
+decision, and Upstream applies `forwardable()` again as the last gate.
 """
 
 from mitmproxy import http
 
 from . import names
-from .decision import note, undecided
+from .decision import Exchange, note, undecided
 
 _PROTECTED = frozenset(k.encode() for k in names.PROTECTED_HEADER_KEYS)
 _PREFIX = names.PROTECTED_HEADER_PREFIX.encode()
 _COOKIE_PREFIX = names.COOKIE_PREFIX.encode()
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"})
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})  # tokens that name no field
+WEBSOCKET_UPGRADE = ((b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"))
 
 
 def is_protected(name: bytes) -> bool:
@@ -20,34 +29,48 @@ def is_protected(name: bytes) -> bool:
     return key in _PROTECTED or key.startswith(_PREFIX)
 
 
+def is_websocket_handshake(request: http.Request) -> bool:
+    """RFC 6455 §4.1: a GET with `Upgrade: websocket` alone and `upgrade` among the Connection tokens."""
+    headers = request.headers
+    return (request.method == "GET" and request.http_version == "HTTP/1.1"
+            and [v.strip().lower() for v in headers.get_all("Upgrade")] == ["websocket"]
+            and "upgrade" in {t.strip().lower() for v in headers.get_all("Connection") for t in v.split(",")})
+
+
+def forwardable(request: http.Request) -> tuple[tuple[bytes, bytes], ...]:
+    """The client's fields that may travel on: no identity or forwarding names, no hop-by-hop
+    fields (WebSocket handshakes keep their `Connection: Upgrade` and `Upgrade: websocket`)."""
+    fields = request.headers.fields
+    named = {t.strip().lower().replace(b"_", b"-") for n, v in fields if n.lower() == b"connection" for t in v.split(b",")}
+    drop = HOP_BY_HOP | (named - _CONNECTION_OPTIONS)
+    kept = tuple(f for f in fields if not is_protected(f[0]) and f[0].lower().replace(b"_", b"-") not in drop)
+    return kept + WEBSOCKET_UPGRADE if is_websocket_handshake(request) else kept
+
+
 class Sanitize:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         exchange = undecided(flow)
         if exchange is None:
             return
-        headers = flow.request.headers
+        fields = flow.request.headers.fields
         kept = []
-        stripped = []
-        changed = False
-        for name, value in headers.fields:
-            if is_protected(name):
-                stripped.append(name.decode("latin-1"))
-                changed = True
-                continue
+        for name, value in forwardable(flow.request):
             if name.lower() == b"cookie" and _COOKIE_PREFIX in value:
                 value = self._take_cookies(value, exchange)
-                changed = True
                 if not value:
                     continue
             kept.append((name, value))
-        if changed:
-            headers.fields = tuple(kept)
-        if stripped:
-            note(flow, stripped_headers=", ".join(stripped))
+        if tuple(kept) != fields:
+            flow.request.headers.fields = tuple(kept)
+            left = {n.lower() for n, _ in kept} | {b"cookie"}
+            dropped = {n.decode("latin-1") for n, _ in fields if n.lower() not in left}
+            if dropped:
+                note(flow, stripped_headers=", ".join(sorted(dropped)))
 
     @staticmethod
-    def _take_cookies(value: bytes, exchange) -> bytes:  # type: ignore[no-untyped-def]
+    def _take_cookies(value: bytes, exchange: Exchange) -> bytes:
         provider = exchange.provider
+        assert provider is not None
         kept = []
         for part in value.split(b";"):
             name, _, cookie_value = part.strip().partition(b"=")

@@ -7,7 +7,6 @@ from mitmproxy import http
 from .configuration import Registry
 from . import pages
 from .decision import Exchange, Outcome, decide, note, undecided
-from .sessions import StoreUnavailable
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -32,10 +31,12 @@ def store_unavailable(flow: http.HTTPFlow, error: Exception) -> None:
     """Fail closed: without the store nobody can be checked, so nobody passes."""
     flow.response = pages.page(503, "Service unavailable", "Sessions cannot be checked right now. Try again in a moment.")
     flow.response.headers["Retry-After"] = "5"
-    decide(flow, Outcome.DENIED, f"session store unavailable: {error}", logging.WARNING)
+    decide(flow, Outcome.DENIED, "store_unavailable", f"session store unavailable: {error}", logging.WARNING)
 
 
 class SessionCheck:
+    failure_status = 503  # a failure here is the store's (see Chain)
+
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
@@ -44,11 +45,7 @@ class SessionCheck:
         if exchange is None:
             return
         had_cookie = bool(exchange.session_cookie)
-        try:
-            await load_session(self.registry, exchange)
-        except StoreUnavailable as e:
-            store_unavailable(flow, e)
-            return
+        await load_session(self.registry, exchange)
         if exchange.session is not None:
             note(flow, session="valid", user=exchange.session.username, uid=exchange.session.sub)
         else:

@@ -19,5 +19,7 @@ UPSTREAM = Histogram("authentik_outpost_proxy_upstream_response_duration_seconds
 DECISIONS = Counter("mitm_outpost_decisions_total", "Decisions by provider and outcome", ("provider", "outcome"), registry=PROMETHEUS)
 LOGINS = Counter("mitm_outpost_logins_total", "Completed browser logins", ("provider",), registry=PROMETHEUS)
 CALLBACK_FAILURES = Counter("mitm_outpost_callback_failures_total", "Failed login callbacks", ("provider", "reason"), registry=PROMETHEUS)
+EDGE_REFUSALS = Counter("mitm_outpost_edge_refusals_total", "Requests refused at the HTTP edge, before any decision",
+                        ("code",), registry=PROMETHEUS)
 SESSIONS = Gauge("mitm_outpost_sessions", "Sessions this replica holds (in memory or its local cache)", registry=PROMETHEUS)
 IDP_LATENCY = Histogram("mitm_outpost_idp_request_duration_seconds", "Calls to the identity provider", ("call",), registry=PROMETHEUS)

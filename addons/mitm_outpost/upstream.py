@@ -1,8 +1,12 @@
 """The Upstream addon: where an allowed request goes, and what identity it carries.
 
-The request is re-targeted to the provider's internal host, `Host` becomes the backend's
-(seed 000), the X-Forwarded-* headers are ours alone, and an authenticated request gets the
-identity headers computed at login plus the provider's static ones.
+The last gate: a request leaves only with the Gate's ALLOW or SKIP verdict, whatever an
+earlier step did, and its fields are filtered again (`sanitize.forwardable`) right before it
+leaves, in `requestheaders` and again in `request` (deferred or buffered flows, and anything
+that changed the request in between). The request is re-targeted to the provider's internal
+host, `Host` becomes the backend's (seed 000), the X-Forwarded-* headers are ours alone, and
+an authenticated request gets the identity headers computed at login plus the provider's
+static ones.
 """
 
 import logging
@@ -12,12 +16,15 @@ from OpenSSL import SSL
 
 from . import names, pages
 from .configuration import Registry
-from .decision import Outcome, decide, exchange_of
+from .decision import Exchange, Outcome, decide, exchange_of
+from .sanitize import forwardable, is_websocket_handshake
+from .verdict import Action, Reason
 
 logger = logging.getLogger("mitm_outpost")
 
 _COOKIE_PREFIX = names.COOKIE_PREFIX.lower()
 HOST_ONLY = frozenset({b"host"})
+GOES_UPSTREAM = frozenset({Action.ALLOW, Action.SKIP})
 
 
 class Upstream:
@@ -29,29 +36,26 @@ class Upstream:
             return
         exchange = exchange_of(flow)
         if exchange is not None and exchange.deferred:
+            return  # answered in `request`, where this gate runs again
+        if self.refused(flow, exchange):
             return
-        # The last gate: nothing leaves without a session or a matching rule, even if an
-        # earlier addon failed with an exception (mitmproxy logs it and goes on).
-        upstream = exchange.provider.upstream if exchange and exchange.provider else None
-        if exchange is None or upstream is None or not (exchange.session or exchange.skipped):
-            flow.response = pages.page(403, "Forbidden", "The outpost reached no decision about this request.")
-            decide(flow, Outcome.DENIED, "no decision was reached (an earlier step failed); refused", logging.ERROR)
-            return
+        assert exchange is not None and exchange.provider is not None and exchange.provider.upstream is not None
         session = exchange.session
+        upstream = exchange.provider.upstream
         scheme, host, port, host_header = upstream.scheme, upstream.host, upstream.port, upstream.host_header
-        if session is not None and (session.backend or session.backend_error):
-            if session.backend_error:
-                flow.response = pages.page(502, "Bad Gateway", "The backend chosen for this user is not valid.")
-                decide(flow, Outcome.DENIED, f"ak_proxy claims of {session.username}: {session.backend_error}", logging.WARNING)
-                return
-            assert session.backend is not None
-            if session.backend[0]:
-                scheme, host, port = session.backend[:3]
-                if not upstream.verify_tls:
-                    self.registry.unverified_upstreams.add((host, port))
+        if session is not None and session.backend and session.backend[0]:
+            scheme, host, port = session.backend[:3]
+            if not upstream.verify_tls:
+                self.registry.unverified_upstreams.add((host, port))
+        if session is not None and session.backend:
             host_header = session.backend[3] or host_header
         request = flow.request
-        original_host = request.host_header or ""
+        exchange.forwarded = (
+            (b"Host", host_header.encode()),
+            (b"X-Forwarded-Host", (request.host_header or "").encode("utf-8", "surrogateescape")),
+            (b"X-Forwarded-Proto", b"https" if flow.client_conn.tls_established else b"http"),
+            (b"X-Forwarded-For", flow.client_conn.peername[0].encode()),
+        )
         # Straight to the request's data: the property setters would rewrite Host (twice), which
         # the one rebuild below does anyway.
         data = request.data
@@ -59,24 +63,56 @@ class Upstream:
         if data.authority:  # HTTP/2 from the client: :authority towards the upstream, as Host
             data.authority = host_header.encode()
         exchange.proxied = True
-        # One rebuild of the header tuple: Sanitize already removed every identity name.
+        self.set_fields(request, exchange)
+        if session is not None:
+            decide(flow, Outcome.ALLOWED, exchange.verdict.reason if exchange.verdict else Reason.SESSION,
+                   f"session of {session.username}")
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The body is in: the same gate for a flow that is about to leave, deferred ones included."""
+        if flow.response is not None:
+            return
+        exchange = exchange_of(flow)
+        if self.refused(flow, exchange):
+            return
+        assert exchange is not None
+        if not exchange.proxied:
+            flow.response = pages.page(403, "Forbidden", "The outpost reached no decision about this request.")
+            decide(flow, Outcome.DENIED, "no_decision", "reached the upstream hook without being re-targeted; refused", logging.ERROR)
+        elif flow.request.headers.fields is not exchange.sent_fields:  # something changed them since requestheaders
+            self.set_fields(flow.request, exchange)
+
+    @staticmethod
+    def refused(flow: http.HTTPFlow, exchange: Exchange | None) -> bool:
+        """Nothing leaves without an ALLOW or SKIP verdict, even if an earlier step failed."""
+        if (exchange is not None and exchange.provider is not None and exchange.provider.upstream is not None
+                and exchange.verdict is not None and exchange.verdict.action in GOES_UPSTREAM):
+            return False
+        flow.response = pages.page(403, "Forbidden", "The outpost reached no decision about this request.")
+        decide(flow, Outcome.DENIED, "no_decision", "no decision was reached (an earlier step failed); refused", logging.ERROR)
+        return True
+
+    @staticmethod
+    def set_fields(request: http.Request, exchange: Exchange) -> None:
+        """One rebuild of the header tuple: the client's forwardable fields, then ours."""
+        session = exchange.session
         drop = session.replaces if session is not None else HOST_ONLY
-        fields = tuple(f for f in request.headers.fields if f[0].lower() not in drop) + (
-            (b"Host", host_header.encode()),
-            (b"X-Forwarded-Host", original_host.encode("utf-8", "surrogateescape")),
-            (b"X-Forwarded-Proto", b"https" if flow.client_conn.tls_established else b"http"),
-            (b"X-Forwarded-For", flow.client_conn.peername[0].encode()),
-        )
+        fields = tuple(f for f in forwardable(request) if f[0].lower() not in drop) + exchange.forwarded
         if session is not None:
+            assert exchange.provider is not None
             fields += session.headers + exchange.provider.static_headers
-        request.headers.fields = fields
-        if session is not None:
-            decide(flow, Outcome.ALLOWED, f"session of {session.username}")
+        request.headers.fields = exchange.sent_fields = fields
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        """The upstream may not plant outpost cookies (fixation); pending cookie changes go out."""
+        """The upstream may not plant outpost cookies (fixation) or switch protocols unasked;
+        pending cookie changes go out."""
         exchange = exchange_of(flow)
         if exchange is None or not exchange.proxied or exchange.provider is None or flow.response is None:
+            return
+        if flow.response.status_code == 101 and not is_websocket_handshake(flow.request):
+            flow.response = pages.page(502, "Bad gateway", "The application switched protocols unasked.")
+            decide(flow, Outcome.DENIED, "unexpected_upgrade", "the upstream answered 101 to a request that was no WebSocket "
+                   "handshake", logging.WARNING)
             return
         response_headers = flow.response.headers
         if "Set-Cookie" in response_headers:

@@ -27,10 +27,10 @@ def test_mitmweb_shows_every_decision(idp: str, upstream: str) -> None:
         web = httpx2.Client(base_url=f"http://127.0.0.1:{web_port}", headers={"Authorization": f"Bearer {PASSWORD}"})
         flows = web.get("/flows").json()
         comments = {f["request"]["path"].partition("?")[0]: (f["comment"], f["marked"]) for f in flows}
-        assert comments["/headers"][0].startswith("outpost [web]: allowed: session of alice")
-        assert comments["/public"][0].startswith("outpost [web]: skipped:") and comments["/public"][1]
-        assert comments["/outpost.goauthentik.io/callback"][0].startswith("outpost [web]: endpoint: callback: signed in as alice")
-        assert any(c.startswith("outpost: denied: no provider serves host 'unknown.test'") for c, _ in comments.values())
+        assert comments["/headers"][0].startswith("outpost [web]: allowed (session): session of alice")
+        assert comments["/public"][0].startswith("outpost [web]: skipped (unauthenticated_path):") and comments["/public"][1]
+        assert comments["/outpost.goauthentik.io/callback"][0].startswith("outpost [web]: endpoint (signed_in): callback: signed in as alice")
+        assert any(c.startswith("outpost: denied (unknown_host): no provider serves host 'unknown.test'") for c, _ in comments.values())
 
         dumped = list(mitmio.FlowReader(io.BytesIO(web.get("/flows/dump").content)).stream())
         allowed = next(f for f in dumped if f.request.path == "/headers" and f.metadata["outpost"].get("outcome") == "allowed")

@@ -1,0 +1,310 @@
+"""The Edge addon: the outpost's own HTTP/1 server in front of every decision, in every runner.
+
+mitmproxy's HTTP layers are lenient where an identity proxy must not be, so the outpost swaps
+in its own subclasses when mitmproxy picks the HTTP layer (the `next_layer` hook):
+
+- `StrictHttp1Server` holds each request head to `edge_rules` (no bare CR/LF, NUL or other
+  controls, no obs-fold, token methods, HTTP/1.0 and 1.1 only, bounded sizes) and answers
+  a refused head with 4xx and a close before any addon sees it; chunked bodies are read
+  strictly; a head that does not arrive in time is answered 408.
+- `StrictHttpStream` answers a request the outpost decided on at once, whatever body is
+  still coming (the body is discarded, never buffered or logged), caps the body of the one
+  endpoint that reads one, and turns upstream failures and timeouts into 502/504 pages that
+  name no address.
+
+Raw TCP relays (`rawtcp`) stay off: only WebSocket upgrades, after the access decision, switch
+protocols.
+"""
+
+import asyncio
+import functools
+import logging
+import time
+from http import HTTPStatus
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+from mitmproxy.connection import ConnectionState, Server
+from mitmproxy.net.http import http1
+from mitmproxy.proxy import commands, events, layer, server_hooks
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._events import (
+    RequestData, RequestEndOfMessage, RequestHeaders, RequestProtocolError, ResponseEndOfMessage, ResponseHeaders,
+    ResponseProtocolError,
+)
+from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
+from mitmproxy.utils import human
+
+from . import pages
+from .decision import exchange_of, note
+from .edge_rules import (
+    HEADER_TIMEOUT, PIPELINE_TOO_LARGE, Limits, Refusal, StrictChunkedReader, framing_violation, head_violation,
+    incomplete_head_violation,
+)
+from .telemetry import EDGE_REFUSALS
+
+logger = logging.getLogger("mitm_outpost")
+
+LINGER_SECONDS = 2.0  # after an early answer: time for the client to read it before the close
+MAX_LEADING_EMPTY_LINES = 8  # RFC 9112 §2.2: a server SHOULD ignore at least one
+CONNECT_TIMEOUT = "upstream connect timeout"
+
+
+@functools.cache
+def refusal_bytes(refusal: Refusal) -> bytes:
+    phrase = HTTPStatus(refusal.status).phrase
+    response = http.Response.make(refusal.status, f"{phrase}: {refusal.code}\n", {
+        "Content-Type": "text/plain; charset=utf-8", "Connection": "close", **pages.NO_STORE,
+    })
+    return http1.assemble_response(response)
+
+
+class StrictHttp1Server(_http1.Http1Server):
+    def __init__(self, context, limits: Limits) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(context)
+        self.limits = limits
+        self.head_timer: commands.RequestWakeup | None = None
+        self.linger_timer: commands.RequestWakeup | None = None
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Wakeup):
+            if event.command is self.head_timer and self.state == self.read_headers:
+                yield from self.refuse(HEADER_TIMEOUT)
+            elif event.command is self.linger_timer:
+                yield commands.CloseConnection(self.conn)
+            return
+        yield from super()._handle_event(event)
+        if self.state == self.wait and len(self.buf) > self.limits.header_size:
+            yield from self.refuse(PIPELINE_TOO_LARGE)  # bytes piling up behind a request still being answered
+
+    def start(self, _: events.Start) -> layer.CommandGenerator[None]:
+        self.state = self.read_headers
+        yield from self.start_head_timer()
+
+    def start_head_timer(self) -> layer.CommandGenerator[None]:
+        self.head_timer = commands.RequestWakeup(self.limits.header_timeout)
+        yield self.head_timer
+
+    def refuse(self, refusal: Refusal) -> layer.CommandGenerator[None]:
+        peer = self.conn.peername
+        logger.warning("edge: refused a request from %s: %s (%d)", peer[0] if peer else "?", refusal.code, refusal.status)
+        EDGE_REFUSALS.labels(refusal.code).inc()
+        yield commands.SendData(self.conn, refusal_bytes(refusal))
+        yield commands.CloseConnection(self.conn)
+        self.state = self.done
+
+    def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.ConnectionClosed):
+            yield commands.CloseConnection(self.conn)  # never log what a client left unfinished
+            return
+        assert isinstance(event, events.DataReceived)
+        if self.head_timer is None:  # the first byte of a later request on a kept-alive connection
+            yield from self.start_head_timer()
+        for _ in range(MAX_LEADING_EMPTY_LINES):
+            if bytes(self.buf)[:2] != b"\r\n":
+                break
+            self.buf.maybe_extract_at_most(2)
+        pending = bytes(self.buf)
+        end = pending.find(b"\r\n\r\n")
+        if end < 0:
+            if refusal := incomplete_head_violation(pending, self.limits):
+                yield from self.refuse(refusal)
+            return
+        head = bytes(self.buf.maybe_extract_at_most(end + 4) or b"")
+        if refusal := head_violation(head, self.limits):
+            yield from self.refuse(refusal)
+            return
+        try:
+            request = http1.read_request_head(head.split(b"\r\n")[:-2])
+            expected_size = http1.expected_http_body_size(request)
+        except ValueError:
+            yield from self.refuse(Refusal(400, "framing"))
+            return
+        if code := framing_violation(request):
+            yield from self.refuse(Refusal(400, code))
+            return
+        self.head_timer = None
+        self.request = request
+        yield _http1.ReceiveHttp(RequestHeaders(self.stream_id, request, expected_size == 0))
+        self.body_reader = StrictChunkedReader(self.limits) if expected_size is None else _http1.make_body_reader(expected_size)
+        self.state = self.read_body
+        yield from self.state(event)
+
+    def send(self, event: http_layers.HttpEvent) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseHeaders) and not self.request_done:
+            event.response.headers["Connection"] = "close"  # answered before its body arrived (StrictHttpStream)
+        answered_early = isinstance(event, ResponseEndOfMessage) and not self.request_done
+        yield from super().send(event)
+        if answered_early and self.conn.state & ConnectionState.CAN_WRITE:
+            # The request's body is still coming: close our side, drop what arrives, then close.
+            yield commands.CloseTcpConnection(self.conn, half_close=True)
+            self.state = self.linger
+            self.linger_timer = commands.RequestWakeup(LINGER_SECONDS)
+            yield self.linger_timer
+
+    def linger(self, event: events.Event) -> layer.CommandGenerator[None]:
+        self.buf.maybe_extract_at_most(len(self.buf))
+        if isinstance(event, events.ConnectionClosed):
+            yield commands.CloseConnection(self.conn)
+
+    def mark_done(self, *, request: bool = False, response: bool = False) -> layer.CommandGenerator[None]:
+        yield from super().mark_done(request=request, response=response)
+        if self.state == self.read_headers:  # ready for the next request: its head gets a new timer
+            self.head_timer = None
+
+
+class StrictHttpStream(http_layers.HttpStream):
+    def __init__(self, context, stream_id: int, limits: Limits) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(context, stream_id)
+        self.limits = limits
+        self.upstream_timer: commands.RequestWakeup | None = None
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Wakeup):
+            if event.command is self.upstream_timer and self.server_state == self.state_wait_for_response_headers:
+                note(self.flow, upstream_error="no response within outpost_upstream_timeout")
+                logger.warning("upstream %s: no response within %ss", human.format_address(self.flow.server_conn.address),
+                               self.limits.upstream_timeout)
+                yield commands.CloseConnection(self.context.server)
+                yield from self.answer_now(upstream_failure(504))
+            return
+        yield from super()._handle_event(event)
+
+    def state_wait_for_request_headers(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
+        yield from super().state_wait_for_request_headers(event)
+        if self.flow.response is not None and not event.end_stream and self.client_state == self.state_consume_request_body:
+            note(self.flow, request_body="discarded")
+            yield from self.answer_now(self.flow.response)
+
+    def state_consume_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        exchange = exchange_of(self.flow)
+        limit = exchange.body_limit if exchange is not None else 0
+        if isinstance(event, RequestData) and limit and len(self.request_body_buf) + len(event.data) > limit:
+            note(self.flow, request_body=f"over {limit} bytes, discarded")
+            yield from self.answer_now(pages.page(413, "Payload too large", f"This endpoint reads at most {limit} bytes."))
+            return
+        yield from super().state_consume_request_body(event)
+        if isinstance(event, RequestEndOfMessage):
+            yield from self.start_upstream_timer()
+
+    def state_stream_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield from super().state_stream_request_body(event)
+        if isinstance(event, RequestEndOfMessage):
+            yield from self.start_upstream_timer()
+
+    def start_upstream_timer(self) -> layer.CommandGenerator[None]:
+        if self.server_state == self.state_wait_for_response_headers and self.flow.response is None:
+            self.upstream_timer = commands.RequestWakeup(self.limits.upstream_timeout)
+            yield self.upstream_timer
+
+    def state_discard(self, _: events.Event) -> layer.CommandGenerator[None]:
+        yield from ()  # the rest of a request that has been answered
+
+    def answer_now(self, response: http.Response) -> layer.CommandGenerator[None]:
+        """Send `response` now; whatever the client still sends for this request is dropped."""
+        self.flow.response = response
+        if self.client_state not in (self.state_done, self.state_errored):
+            self.client_state = self.state_discard
+        response.timestamp_start = time.time()
+        yield HttpResponseHeadersHook(self.flow)
+        yield from self.send_response()
+        if self.client_state == self.state_discard:
+            yield from self.flow_done()
+
+    def handle_protocol_error(self, event: RequestProtocolError | ResponseProtocolError) -> layer.CommandGenerator[None]:
+        headers_sent = self.server_state in (self.state_stream_response_body, self.state_done, self.state_errored)
+        if isinstance(event, ResponseProtocolError) and event.code.http_status_code() == 502 and not headers_sent \
+                and self.client_state != self.state_errored:
+            note(self.flow, upstream_error=event.message[:200])
+            logger.warning("upstream %s failed: %s", human.format_address(self.flow.server_conn.address), event.message[:200])
+            yield from self.answer_now(upstream_failure(504 if event.message == CONNECT_TIMEOUT else 502))
+            return
+        yield from super().handle_protocol_error(event)
+
+
+def upstream_failure(status: int) -> http.Response:
+    """What the client learns of a failed upstream: the status, never its address or the error."""
+    if status == 504:
+        return pages.page(504, "Gateway timeout", "The application did not answer in time. Try again in a moment.")
+    return pages.page(502, "Bad gateway", "The application is not reachable right now. Try again in a moment.")
+
+
+class StrictHttpLayer(http_layers.HttpLayer):
+    def __init__(self, context, mode: http_layers.HTTPMode, limits: Limits) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(context, mode)
+        self.limits = limits
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        if isinstance(event, events.Start) and self.context.client.alpn not in (b"h2", b"h3"):
+            self.connections.setdefault(self.context.client, StrictHttp1Server(self.context.fork(), self.limits))
+        yield from super()._handle_event(event)
+
+    def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
+        stream = self.streams[stream_id] = StrictHttpStream(self.context.fork(), stream_id, self.limits)
+        yield from self.event_to_child(stream, events.Start())
+
+
+class Closing(layer.Layer):
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        yield commands.CloseConnection(self.context.client)
+
+
+# option name -> (Limits field, help)
+OPTIONS = {
+    "outpost_max_request_line": ("request_line", "Longest request line (method, URL, version) in bytes; longer gets 414."),
+    "outpost_max_header_size": ("header_size", "Largest request head (request line and all fields) in bytes; larger gets 431."),
+    "outpost_max_header_count": ("header_count", "Most header fields in a request; more gets 431."),
+    "outpost_header_timeout": ("header_timeout", "Seconds a client has to send a complete request head; then 408 and a close."),
+    "outpost_upstream_connect_timeout": ("upstream_connect_timeout", "Seconds to connect to an upstream; then 504."),
+    "outpost_upstream_timeout": ("upstream_timeout", "Seconds an upstream has to start its response once the request is sent; "
+                                                     "then 504."),
+}
+
+
+class Edge:
+    def __init__(self) -> None:
+        self.limits = Limits()
+
+    def load(self, loader: Loader) -> None:
+        for option, (field, help_text) in OPTIONS.items():
+            default = getattr(self.limits, field)
+            loader.add_option(option, type(default), default, help_text)
+
+    def configure(self, updated: set[str]) -> None:
+        if "rawtcp" in updated and ctx.options.rawtcp:
+            # mitmproxy's default; a 101 to anything but a WebSocket would become an unchecked TCP relay.
+            ctx.options.update(rawtcp=False)
+        if not updated & OPTIONS.keys():
+            return
+        limits = Limits(**{field: getattr(ctx.options, option) for option, (field, _) in OPTIONS.items()})
+        if min(limits.request_line, limits.header_count) < 1 or limits.header_size < limits.request_line:
+            raise exceptions.OptionsError("outpost_max_*: each limit must be positive, and the header size at least the request line")
+        if min(limits.header_timeout, limits.upstream_connect_timeout, limits.upstream_timeout) <= 0:
+            raise exceptions.OptionsError("outpost_*_timeout: each timeout must be a positive number of seconds")
+        self.limits = limits
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """mitmproxy's own choice of layer, with our HTTP layer in place of its own; if that
+        fails, the connection is closed rather than served by the lenient one."""
+        try:
+            if nextlayer.layer is None and (chooser := ctx.master.addons.get("nextlayer")) is not None:
+                chooser.next_layer(nextlayer)
+            chosen = nextlayer.layer
+            if type(chosen) is http_layers.HttpLayer:
+                chosen.context.layers.remove(chosen)  # a layer registers itself in its context when made
+                nextlayer.layer = StrictHttpLayer(chosen.context, chosen.mode, self.limits)
+        except Exception:
+            logger.exception("edge: no HTTP layer could be chosen; closing the connection")
+            nextlayer.layer = Closing(nextlayer.context)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """mitmproxy waits for a TCP connect as long as the OS does; we wait outpost_upstream_connect_timeout."""
+        task = asyncio.current_task()
+        if task is not None:
+            asyncio.get_running_loop().call_later(self.limits.upstream_connect_timeout, _connect_overdue, task, data.server)
+
+
+def _connect_overdue(task: asyncio.Task[None], server: Server) -> None:
+    if server.timestamp_tcp_setup is None and server.error is None and not task.done():
+        task.cancel(CONNECT_TIMEOUT)

@@ -1,0 +1,42 @@
+"""The Edge addon: its options, `rawtcp` kept off, and its HTTP layer in place of mitmproxy's."""
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.proxy import context, layer
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.test import taddons, tflow
+
+from mitm_outpost.edge import Edge, StrictHttpLayer
+from mitm_outpost.edge_rules import Limits
+
+
+def test_limits_come_from_the_options_and_bad_ones_are_refused() -> None:
+    edge = Edge()
+    with taddons.context(edge) as tctx:
+        tctx.configure(edge, outpost_max_header_count=7, outpost_upstream_timeout=2.5)
+        assert edge.limits == Limits(header_count=7, upstream_timeout=2.5)
+        for bad in ({"outpost_max_header_count": 0}, {"outpost_header_timeout": 0.0},
+                    {"outpost_max_header_size": 10, "outpost_max_request_line": 100}):
+            with pytest.raises(exceptions.OptionsError):
+                tctx.configure(edge, **bad)
+        assert edge.limits.header_count == 7
+
+
+def test_no_connection_becomes_a_raw_tcp_relay() -> None:
+    edge = Edge()
+    with taddons.context(edge) as tctx:
+        tctx.configure(edge, rawtcp=True)
+        assert tctx.options.rawtcp is False
+
+
+def test_mitmproxys_http_layer_is_replaced_by_the_strict_one() -> None:
+    edge = Edge()
+    with taddons.context(edge) as tctx:
+        tctx.configure(edge, outpost_max_header_count=9)
+        ctx = context.Context(tflow.tclient_conn(), tctx.options)
+        nextlayer = layer.NextLayer(ctx)
+        nextlayer.layer = http_layers.HttpLayer(ctx, http_layers.HTTPMode.transparent)
+        edge.next_layer(nextlayer)
+        assert type(nextlayer.layer) is StrictHttpLayer and nextlayer.layer.limits.header_count == 9
+        assert nextlayer.layer.mode is http_layers.HTTPMode.transparent
+        assert [type(x) for x in ctx.layers] == [StrictHttpLayer]  # the replaced layer is gone from the stack
