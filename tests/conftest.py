@@ -5,11 +5,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.hostile import BODY_MARKER, QUERY_MARKER
 from tests.support.processes import Process, free_port, mock_idp, whoami
 
 # What no outpost log line may ever contain: a JWT, an outpost cookie value, an authorization code.
 SECRET_PATTERNS = (re.compile(r"eyJ[\w-]{8,}\.[\w-]{8,}\."), re.compile(r"authentik_proxy_[0-9a-f]{8}(_login)?=[\w-]{16,}"),
                    re.compile(r"[?&]code=[\w-]{8,}"))
+# What tests put in query strings and request bodies: a client's data, which no log line may repeat.
+CLIENT_DATA_MARKERS = (QUERY_MARKER, BODY_MARKER)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,6 +27,7 @@ def outpost_logs_hold_no_secrets() -> Iterator[None]:
         secrets = set(re.findall(r"(?:client_secret|cookie_secret|session_store_password): (\S{6,})", _configs(process)))
         problems += [f"{process.args[:3]}: secret {s[:4]}…" for s in secrets if s in text]
         problems += [f"{process.args[:3]}: {p.pattern} matches {m.group(0)[:24]}…" for p in SECRET_PATTERNS for m in [p.search(text)] if m]
+        problems += [f"{process.args[:3]}: client data marker {marker}" for marker in CLIENT_DATA_MARKERS if marker in text]
     assert not problems, "secrets in outpost logs:\n" + "\n".join(problems)
 
 

@@ -36,9 +36,9 @@ class Limits:
     request_line: int = 8192
     header_size: int = 65536
     header_count: int = 100
-    header_timeout: float = 10.0
-    upstream_connect_timeout: float = 10.0
-    upstream_timeout: float = 60.0
+    header_timeout: int = 10  # seconds (mitmproxy options are int, str or bool)
+    upstream_connect_timeout: int = 10
+    upstream_timeout: int = 60
 
 
 class Refusal(NamedTuple):

@@ -13,9 +13,9 @@ from mitm_outpost.edge_rules import Limits
 def test_limits_come_from_the_options_and_bad_ones_are_refused() -> None:
     edge = Edge()
     with taddons.context(edge) as tctx:
-        tctx.configure(edge, outpost_max_header_count=7, outpost_upstream_timeout=2.5)
-        assert edge.limits == Limits(header_count=7, upstream_timeout=2.5)
-        for bad in ({"outpost_max_header_count": 0}, {"outpost_header_timeout": 0.0},
+        tctx.configure(edge, outpost_max_header_count=7, outpost_upstream_timeout=3)
+        assert edge.limits == Limits(header_count=7, upstream_timeout=3)
+        for bad in ({"outpost_max_header_count": 0}, {"outpost_header_timeout": 0},
                     {"outpost_max_header_size": 10, "outpost_max_request_line": 100}):
             with pytest.raises(exceptions.OptionsError):
                 tctx.configure(edge, **bad)
