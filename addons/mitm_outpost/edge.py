@@ -91,8 +91,15 @@ class StrictHttp1Server(_http1.Http1Server):
         logger.warning("edge: refused a request from %s: %s (%d)", peer[0] if peer else "?", refusal.code, refusal.status)
         EDGE_REFUSALS.labels(refusal.code).inc()
         yield commands.SendData(self.conn, refusal_bytes(refusal))
-        yield commands.CloseConnection(self.conn)
-        self.state = self.done
+        yield from self.close_after_answer()
+
+    def close_after_answer(self) -> layer.CommandGenerator[None]:
+        """Close our side now and drop whatever the client still sends, then close: a plain close
+        with unread bytes would reset the connection before the client has read our answer."""
+        yield commands.CloseTcpConnection(self.conn, half_close=True)
+        self.state = self.linger
+        self.linger_timer = commands.RequestWakeup(LINGER_SECONDS)
+        yield self.linger_timer
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
         if isinstance(event, events.ConnectionClosed):
@@ -137,11 +144,7 @@ class StrictHttp1Server(_http1.Http1Server):
         answered_early = isinstance(event, ResponseEndOfMessage) and not self.request_done
         yield from super().send(event)
         if answered_early and self.conn.state & ConnectionState.CAN_WRITE:
-            # The request's body is still coming: close our side, drop what arrives, then close.
-            yield commands.CloseTcpConnection(self.conn, half_close=True)
-            self.state = self.linger
-            self.linger_timer = commands.RequestWakeup(LINGER_SECONDS)
-            yield self.linger_timer
+            yield from self.close_after_answer()  # the request's body is still coming
 
     def linger(self, event: events.Event) -> layer.CommandGenerator[None]:
         self.buf.maybe_extract_at_most(len(self.buf))
