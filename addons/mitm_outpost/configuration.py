@@ -1,5 +1,6 @@
 """The Configuration addon: owns `mitm_config.yaml` and the live provider set."""
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -23,20 +24,45 @@ for noisy in ("httpx2", "httpcore2", "httpx", "httpcore"):  # one line per IdP c
 DEFAULT_CONFIG = "mitm_config.yaml"
 
 
-@dataclass
-class Registry:
-    """What every addon of the chain reads: swapped whole, never edited in place."""
+@dataclass(frozen=True, slots=True)
+class ProviderSet:
+    """Every provider the outpost serves, with its indexes: built whole, then assigned in one step.
+
+    A request reads one set from start to end; a reload or an authentik refresh makes a new one."""
 
     outpost_name: str = "mitm-outpost"
+    sources: dict[str, tuple[Provider, ...]] = field(default_factory=dict)  # "file", "authentik"
     providers: tuple[Provider, ...] = ()
     by_host: dict[str, Provider] = field(default_factory=dict)
     by_name: dict[str, Provider] = field(default_factory=dict)
-    store: SessionStore = field(default_factory=MemoryStore)
-    legacy_headers: bool = True
-    unverified_upstreams: set[tuple[str, int]] = field(default_factory=set)  # grows with ak_proxy backends
-    domain_providers: tuple[Provider, ...] = ()  # forward_domain, longest cookie domain first
     by_hostname: dict[str, Provider] = field(default_factory=dict)  # hostnames only one provider has
-    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    domain_providers: tuple[Provider, ...] = ()  # forward_domain, longest cookie domain first
+
+    @classmethod
+    def build(cls, outpost_name: str, sources: dict[str, tuple[Provider, ...]]) -> "ProviderSet":
+        """Raises ConfigError when two providers would serve one external host or share a name."""
+        providers = tuple(p for ps in sources.values() for p in ps)
+        by_host: dict[str, Provider] = {}
+        source_of: dict[str, str] = {}
+        for source, members in sources.items():
+            for p in members:
+                if source_of.get(p.name, source) != source:
+                    raise config.ConfigError(f"provider '{p.name}': field 'name': a provider from another source has this name")
+                source_of[p.name] = source
+                for key in p.host_keys:
+                    if key in by_host:
+                        raise config.ConfigError(
+                            f"provider '{p.name}': field 'external_host': provider '{by_host[key].name}' already serves {key}"
+                        )
+                    by_host[key] = p
+        hostnames = [p.hostname for p in providers]
+        return cls(
+            outpost_name=outpost_name, sources=dict(sources), providers=providers, by_host=by_host,
+            by_name={p.name: p for p in providers},
+            by_hostname={p.hostname: p for p in providers if hostnames.count(p.hostname) == 1},
+            domain_providers=tuple(sorted((p for p in providers if p.mode is Mode.FORWARD_DOMAIN),
+                                          key=lambda p: len(p.cookie_domain), reverse=True)),
+        )
 
     def provider_for(self, host: str, hostname: str) -> Provider | None:
         """The provider serving this host: its external host exactly, else a domain-level
@@ -51,46 +77,69 @@ class Registry:
         # nginx's `$host` drops the port; a trusted proxy may name a provider by hostname alone.
         return self.by_hostname.get(hostname) if host.lower() == hostname else None
 
-    def is_trusted(self, peer: str) -> bool:
-        return _in_networks(peer, self.trusted_networks)
 
-    sources: dict[str, tuple[Provider, ...]] = field(default_factory=dict)  # "file", "authentik"
+@dataclass
+class Registry:
+    """What every addon of the chain reads. The provider set and the store are each replaced by
+    one assignment, never edited in place; change callbacks run after the swap."""
+
+    current: ProviderSet = field(default_factory=ProviderSet)
+    store: SessionStore = field(default_factory=MemoryStore)
+    legacy_headers: bool = True
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ready: bool = True  # false while providers are still awaited from authentik (readiness)
     outpost_uuid: str = ""  # the authentik outpost instance's pk, when providers come from authentik
     on_change: list[Callable[[], None]] = field(default_factory=list)  # run after every swap
 
-    def replace(self, outpost_name: str, providers: tuple[Provider, ...], source: str = "file") -> None:
-        """Swap one source's providers (between requests: every field is rebuilt, then assigned).
+    # The current set's parts, for readers that need one of them.
+    outpost_name = property(lambda self: self.current.outpost_name)
+    sources = property(lambda self: self.current.sources)
+    providers = property(lambda self: self.current.providers)
+    by_host = property(lambda self: self.current.by_host)
+    by_name = property(lambda self: self.current.by_name)
 
-        Raises ConfigError when two providers would serve one external host or share a name."""
-        sources = {**self.sources, source: providers}
-        combined = tuple(p for ps in sources.values() for p in ps)
-        by_host: dict[str, Provider] = {}
-        names_seen: dict[str, str] = {}
-        for p in combined:
-            if p.name in names_seen and names_seen[p.name] != source:
-                raise config.ConfigError(f"provider '{p.name}': field 'name': a provider from another source has this name")
-            names_seen[p.name] = source
-            for key in p.host_keys:
-                if key in by_host:
-                    raise config.ConfigError(
-                        f"provider '{p.name}': field 'external_host': provider '{by_host[key].name}' already serves {key}"
-                    )
-                by_host[key] = p
-        providers = combined
-        self.sources = sources
-        self.outpost_name, self.providers, self.by_host = outpost_name, providers, by_host
-        self.by_name = {p.name: p for p in providers}
+    def provider_for(self, host: str, hostname: str) -> Provider | None:
+        return self.current.provider_for(host, hostname)
+
+    def is_trusted(self, peer: str) -> bool:
+        return _in_networks(peer, self.trusted_networks)
+
+    def is_ready(self) -> bool:
+        """Readiness, the one rule both `/ping` answers use: providers loaded and the store up."""
+        return self.ready and self.store.up
+
+    def replace(self, outpost_name: str, providers: tuple[Provider, ...], source: str = "file") -> None:
+        """Swap one source's providers. Raises ConfigError (and changes nothing) for a bad set."""
+        self.install(ProviderSet.build(outpost_name, {**self.current.sources, source: providers}))
+
+    def install(self, new: ProviderSet, store: SessionStore | None = None) -> None:
+        """The swap: the new store started, then set and store assigned, then the old store stopped.
+        A callback that fails is logged; the set it saw is already whole."""
+        old_store = self.store
+        if store is not None and store is not old_store:
+            if loop_running() and (start := getattr(store, "start", None)) is not None:
+                start()  # else Configuration.running starts it
+            self.store = store
+        old, self.current = self.current, new
+        if store is not None and store is not old_store and (stop := getattr(old_store, "stop", None)) is not None:
+            stop()
+        kept = {id(p.idp) for p in new.providers}
+        for gone in {id(p.idp): p.idp for p in old.providers if id(p.idp) not in kept}.values():
+            if (close := getattr(gone, "close", None)) is not None:
+                close()
         for callback in self.on_change:
-            callback()
-        hostnames = [p.hostname for p in providers]
-        self.by_hostname = {p.hostname: p for p in providers if hostnames.count(p.hostname) == 1}
-        self.domain_providers = tuple(sorted(
-            (p for p in providers if p.mode is Mode.FORWARD_DOMAIN), key=lambda p: len(p.cookie_domain), reverse=True
-        ))
-        self.unverified_upstreams = set(
-            (p.upstream.host, p.upstream.port) for p in providers if p.upstream and not p.upstream.verify_tls
-        )
+            try:
+                callback()
+            except Exception:
+                logger.exception("after the provider change: %s failed", getattr(callback, "__qualname__", callback))
+
+
+def loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 @lru_cache(maxsize=4096)
@@ -113,7 +162,12 @@ def parse_networks(values: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipadd
 
 def build_providers(path: str) -> tuple[config.OutpostConfig, tuple[Provider, ...]]:
     cfg = config.load(path)
-    return cfg, tuple(provider.build(entry, cfg.name) for entry in cfg.providers)
+    return cfg, build_all(cfg)
+
+
+def build_all(cfg: config.OutpostConfig) -> tuple[Provider, ...]:
+    """Every provider of a parsed file: discovery and JWKS over the network (blocking: run it off the loop)."""
+    return tuple(provider.build(entry, cfg.name) for entry in cfg.providers)
 
 
 def make_store(cfg: config.OutpostConfig) -> SessionStore:
@@ -124,12 +178,23 @@ def make_store(cfg: config.OutpostConfig) -> SessionStore:
     return RedisStore(cfg.session_store, cfg.session_store_password or None)
 
 
+RELOAD_TIMEOUT = 60  # seconds a reload may take (discovery, JWKS of every provider) before it is given up
+
+
 class Configuration:
+    """Reads `outpost_config`. At start the file is read before anything is served (an error
+    stops the outpost); later (SIGHUP, `outpost.reload`, `set outpost_config=...`) a file that
+    does not parse is refused at once, and the rest (discovery, JWKS, regexes) is built in a
+    worker thread while the old set keeps serving, then swapped in whole."""
+
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.store_spec = ("memory", "")
+        self.serving = False  # `running` has been reached: reloads happen in the background
+        self.reloading: asyncio.Task[None] | None = None
 
     def running(self) -> None:
+        self.serving = True
         start = getattr(self.registry.store, "start", None)
         if start is not None:
             start()
@@ -160,27 +225,49 @@ class Configuration:
             logger.setLevel(logging.DEBUG if ctx.options.outpost_log_decisions else logging.INFO)
         if "outpost_legacy_headers" in updated:
             self.registry.legacy_headers = ctx.options.outpost_legacy_headers
-        if "outpost_config" in updated:
-            path = str(Path(ctx.options.outpost_config).expanduser())
-            if os.environ.get("AUTHENTIK_HOST") and not Path(path).exists():
-                logger.info("no %s: providers come from authentik only", path)
-                return
+        if "outpost_config" not in updated:
+            return
+        path = str(Path(ctx.options.outpost_config).expanduser())
+        if os.environ.get("AUTHENTIK_HOST") and not Path(path).exists():
+            logger.info("no %s: providers come from authentik only", path)
+            return
+        if not self.serving:
             try:
-                cfg, providers = build_providers(path)
-                name = cfg.name
-                if (cfg.session_store, cfg.session_store_password) != self.store_spec:
-                    self.registry.store = make_store(cfg)
-                    self.store_spec = (cfg.session_store, cfg.session_store_password)
-                self.registry.replace(name, providers)
+                self.install(*build_providers(path))
             except config.ConfigError as e:
-                if not self.registry.providers:
-                    # At startup, an error-level log line makes mitmproxy exit with status 1
-                    # (its errorcheck addon) before anything is served; raising would add a traceback.
-                    logger.error("configuration error: %s", e)
-                    return
-                # Later (`set outpost_config=...`), refusing the change keeps the old set serving.
-                raise exceptions.OptionsError(f"configuration error: {e}") from None
-            logger.info(
-                "outpost %r serving %s", name,
-                ", ".join(f"{p.name} ({p.mode.value}) at {p.external_origin}" for p in providers),
-            )
+                # An error-level log line makes mitmproxy exit with status 1 (its errorcheck addon)
+                # before anything is served; raising would add a traceback.
+                logger.error("configuration error: %s", e)
+            return
+        try:
+            cfg = config.load(path)
+        except config.ConfigError as e:
+            raise exceptions.OptionsError(f"configuration error: {e}") from None  # the old set keeps serving
+        if self.reloading is not None:
+            self.reloading.cancel()  # the newest file wins
+        self.reloading = asyncio.get_running_loop().create_task(self.reload(cfg, path))
+
+    async def reload(self, cfg: config.OutpostConfig, path: str) -> None:
+        try:
+            providers = await asyncio.wait_for(asyncio.to_thread(build_all, cfg), RELOAD_TIMEOUT)
+            self.install(cfg, providers)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            logger.error("reload of %s refused: not complete within %d s; the previous configuration keeps serving",
+                         path, RELOAD_TIMEOUT)
+        except config.ConfigError as e:
+            logger.error("reload refused, the previous configuration keeps serving: configuration error: %s", e)
+        finally:
+            if self.reloading is asyncio.current_task():
+                self.reloading = None
+
+    def install(self, cfg: config.OutpostConfig, providers: tuple[Provider, ...]) -> None:
+        spec = (cfg.session_store, cfg.session_store_password)
+        store = make_store(cfg) if spec != self.store_spec else None
+        self.registry.install(ProviderSet.build(cfg.name, {**self.registry.sources, "file": providers}), store)
+        self.store_spec = spec
+        logger.info(
+            "outpost %r serving %s", cfg.name,
+            ", ".join(f"{p.name} ({p.mode.value}) at {p.external_origin}" for p in providers),
+        )

@@ -64,6 +64,7 @@ class Exchange:
     by_header: bool = False  # the session came from an Authorization header, not the cookie
     verdict: Verdict | None = None  # the Gate's decision; only ALLOW and SKIP go upstream
     forwarded: tuple[tuple[bytes, bytes], ...] = ()  # Host and X-Forwarded-* as Upstream sets them
+    verify_tls: bool = True  # the upstream's certificate is checked (the provider's internal_host_ssl_validation)
     sent_fields: tuple[tuple[bytes, bytes], ...] | None = None  # the header tuple Upstream made
 
 

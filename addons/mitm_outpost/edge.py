@@ -20,6 +20,7 @@ import asyncio
 import functools
 import logging
 import time
+import weakref
 from http import HTTPStatus
 
 from mitmproxy import ctx, exceptions, http
@@ -49,6 +50,7 @@ logger = logging.getLogger("mitm_outpost")
 LINGER_SECONDS = 2.0  # after an early answer: time for the client to read it before the close
 MAX_LEADING_EMPTY_LINES = 8  # RFC 9112 §2.2: a server SHOULD ignore at least one
 CONNECT_TIMEOUT = "upstream connect timeout"
+UNVERIFIED: "weakref.WeakSet[Server]" = weakref.WeakSet()  # upstream connections opened without certificate checks
 
 
 @functools.cache
@@ -246,6 +248,20 @@ class StrictHttpLayer(http_layers.HttpLayer):
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         stream = self.streams[stream_id] = StrictHttpStream(self.context.fork(), stream_id, self.limits)
         yield from self.event_to_child(stream, events.Start())
+
+    def get_connection(self, event: http_layers.GetHttpConnection, *, reuse: bool = True) -> layer.CommandGenerator[None]:
+        """An upstream connection for one flow, checked as that flow's provider says: a connection
+        opened without certificate validation is marked (Upstream relaxes its TLS) and serves no
+        flow that wants validation, nor the other way round."""
+        stream = self.command_sources.get(event)
+        exchange = exchange_of(stream.flow) if isinstance(stream, http_layers.HttpStream) and stream.flow else None
+        unverified = exchange is not None and not exchange.verify_tls
+        if any(event.connection_spec_matches(c) and (c in UNVERIFIED) != unverified for c in self.connections):
+            reuse = False
+        known = set(self.connections)
+        yield from super().get_connection(event, reuse=reuse)
+        if unverified:
+            UNVERIFIED.update(c for c in self.connections if c not in known and isinstance(c, Server))
 
 
 class Closing(layer.Layer):

@@ -37,6 +37,8 @@ class Lifecycle:
     def configure(self, updated: set[str]) -> None:
         """Signals are ours from the first configure on: a SIGHUP that came before `running`
         would otherwise end the process."""
+        if "outpost_drain_timeout" in updated and ctx.options.outpost_drain_timeout < 0:
+            raise exceptions.OptionsError("outpost_drain_timeout: seconds, 0 or more")
         if self.signals_installed:
             return
         try:

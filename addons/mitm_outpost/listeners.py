@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from mitmproxy import ctx
+from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from .configuration import Registry
@@ -32,6 +32,7 @@ DEFAULT_CERT_FILE = "outpost-default-cert.pem"
 class Listeners:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self.fallback: tuple[Path, list[str]] | None = None  # the fallback certificate last written, and its hosts
         registry.on_change.append(self.providers_changed)
 
     def providers_changed(self) -> None:
@@ -50,6 +51,9 @@ class Listeners:
         ours = {"outpost_http_port", "outpost_https_port", "outpost_listen_host", "outpost_config"}
         if not updated & ours:
             return
+        for option in ("outpost_http_port", "outpost_https_port"):
+            if not 0 <= getattr(ctx.options, option) <= 65535:
+                raise exceptions.OptionsError(f"{option}: a port number from 0 (off) to 65535")
         changes: dict[str, object] = {"keep_host_header": True, "connection_strategy": "lazy"}
         if ctx.options.mode == ["regular"] or updated & ours - {"outpost_config"}:
             changes["mode"] = self.modes()
@@ -70,12 +74,16 @@ class Listeners:
         return [f"reverse:{PLACEHOLDER_TARGET}@{at}{port}" for port in ports if port]
 
     def certificates(self) -> list[str]:
-        """`certs` entries: each provider's own certificate for its host, then the fallback for all."""
+        """`certs` entries: each provider's own certificate for its host, then the fallback for all.
+        The fallback is made again only when the hosts it must name change."""
         own = [p for p in self.registry.providers if p.certificate]
         without = sorted({p.hostname for p in self.registry.providers} - {p.hostname for p in own})
-        confdir = Path(ctx.options.confdir).expanduser()
+        path = Path(ctx.options.confdir).expanduser() / DEFAULT_CERT_FILE
+        if self.fallback != (path, without) or not path.exists():
+            write_self_signed(path, without)
+            self.fallback = (path, without)
         # Later entries win in mitmproxy's cert store, so the fallback goes first.
-        return [f"*={write_self_signed(confdir / DEFAULT_CERT_FILE, without)}"] + [f"{p.hostname}={p.certificate}" for p in own]
+        return [f"*={path}"] + [f"{p.hostname}={p.certificate}" for p in own]
 
 
 def listen_env(name: str, default_port: int) -> tuple[str, int]:

@@ -9,7 +9,7 @@ import logging
 import time
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -41,6 +41,10 @@ class Metrics:
         loader.add_option("metrics_port", int, port, "Port of the metrics listener: /metrics and /outpost.goauthentik.io/ping "
                           "(0 turns it off; env AUTHENTIK_LISTEN__METRICS).")
         loader.add_option("metrics_listen_host", str, host, "Address of the metrics listener (empty: all interfaces).")
+
+    def configure(self, updated: set[str]) -> None:
+        if "metrics_port" in updated and not 0 <= ctx.options.metrics_port <= 65535:
+            raise exceptions.OptionsError("metrics_port: a port number from 0 (off) to 65535")
 
     def providers_changed(self) -> None:
         labels = (self.registry.outpost_name, "proxy", self.registry.outpost_uuid, __version__, "")
@@ -100,7 +104,7 @@ class Metrics:
             if path == "/metrics":
                 status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(PROMETHEUS)
             elif path in PING_PATHS:
-                status, content_type, body = ("204 No Content" if self.registry.ready else "503 Service Unavailable"), "text/plain", b""
+                status, content_type, body = ("204 No Content" if self.registry.is_ready() else "503 Service Unavailable"), "text/plain", b""
             else:
                 status, content_type, body = "404 Not Found", "text/plain", b"not found\n"
             head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"

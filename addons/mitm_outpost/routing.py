@@ -37,7 +37,7 @@ class Routing:
         exchange = begin(flow, path, query)
         exchange.normal_path = normalise_path(path)
         if health := HEALTH_PATHS.get(path):
-            ready = health == names.LIVE or (self.registry.ready and self.registry.store.up)
+            ready = health == names.LIVE or self.registry.is_ready()
             flow.response = pages.empty(204 if ready else 503)
             decide(flow, Outcome.ENDPOINT, health, health if ready else "ping: providers not loaded yet")
             return

@@ -17,6 +17,7 @@ from OpenSSL import SSL
 from . import names, pages
 from .configuration import Registry
 from .decision import Exchange, Outcome, decide, exchange_of
+from .edge import UNVERIFIED
 from .sanitize import forwardable, is_websocket_handshake
 from .verdict import Action, Reason
 
@@ -45,8 +46,7 @@ class Upstream:
         scheme, host, port, host_header = upstream.scheme, upstream.host, upstream.port, upstream.host_header
         if session is not None and session.backend and session.backend[0]:
             scheme, host, port = session.backend[:3]
-            if not upstream.verify_tls:
-                self.registry.unverified_upstreams.add((host, port))
+        exchange.verify_tls = upstream.verify_tls  # this flow's provider decides, for an ak_proxy backend too
         if session is not None and session.backend:
             host_header = session.backend[3] or host_header
         request = flow.request
@@ -128,10 +128,11 @@ class Upstream:
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         """Per-provider `internal_host_ssl_validation` (mitmproxy's own switch is global).
 
-        Script addons run before mitmproxy's TlsConfig, so we let it build its usual context
-        first and then relax verification on that one connection."""
-        address = tls_start.conn.address
-        if tls_start.ssl_conn is not None or address is None or (address[0], address[1]) not in self.registry.unverified_upstreams:
+        The edge's HTTP layer marks a connection it opens for a flow whose provider turned
+        validation off (`edge.UNVERIFIED`), and never lets another flow reuse it. Script addons
+        run before mitmproxy's TlsConfig, so we let it build its usual context first and then
+        relax verification on that one connection."""
+        if tls_start.ssl_conn is not None or tls_start.conn not in UNVERIFIED:
             return
         ctx.master.addons.get("tlsconfig").tls_start_server(tls_start)
         tls_start.ssl_conn.set_verify(SSL.VERIFY_NONE)  # type: ignore[union-attr]
