@@ -3,12 +3,15 @@
 A failed callback (forged, expired, replayed or foreign state; an IdP answer that does not
 verify) ends in a 400 page saying why, and a log line. Back-channel logout is the one
 endpoint that reads a body: at most BACKCHANNEL_BODY_LIMIT bytes (the edge answers 413
-beyond), and it is answered here, never proxied.
+beyond), and it is answered here, never proxied. A sign-out that another site sent gets a
+confirmation page instead (see `sent_cross_site`); that page's POST form has no fields, and a
+sign_out POST is answered from its head, its body never read (the edge discards it).
 """
 
 import logging
 import urllib.parse
 
+import ada_url
 from cachetools import TTLCache
 from mitmproxy import http
 
@@ -19,11 +22,14 @@ from .login import LoginFailed, begin_login, finish_login
 from .oidc import TokenError
 from .provider import Provider
 from .session_check import load_session
+from .urls import origin
 
 logger = logging.getLogger("mitm_outpost")
 
 ENDPOINT_PATHS = {prefix + name: name for prefix in names.ENDPOINT_PREFIXES for name in names.ENDPOINTS - names.HEALTH}
 BACKCHANNEL_BODY_LIMIT = 64 * 1024  # a logout_token is a few KiB
+# `none`: typed or bookmarked; `same-site`: a host of the same registrable domain (SameSite trusts it already).
+OWN_SITE_FETCHES = frozenset({"same-origin", "same-site", "none"})
 
 
 def _rd(query: str) -> str:
@@ -32,6 +38,33 @@ def _rd(query: str) -> str:
     if query.startswith(("rd=http://", "rd=https://", "rd=/")):
         return query[3:]
     return dict(urllib.parse.parse_qsl(query, keep_blank_values=True)).get("rd", "")
+
+
+def sent_cross_site(request: http.Request, provider: Provider) -> str | None:
+    """The header saying another site sent this request, or None.
+
+    SameSite=Lax sends the session cookie on a top-level navigation from any site, and sign-out
+    ends every session of the user, so a foreign page must not trigger it. Sec-Fetch-Site, when
+    sent, decides: browsers set it and pages cannot (any value but those of OWN_SITE_FETCHES is
+    foreign). Without it (older browsers), an Origin or Referer outside the provider's site is
+    foreign. A request with none of them (curl, old clients) is not: nothing says where it came from.
+    """
+    if fetch_sites := request.headers.get_all("Sec-Fetch-Site"):
+        return None if all(v.strip().lower() in OWN_SITE_FETCHES for v in fetch_sites) else "Sec-Fetch-Site"
+    for name in ("Origin", "Referer"):
+        if not all(_on_site(value, provider) for value in request.headers.get_all(name)):
+            return name
+    return None
+
+
+def _on_site(url: str, provider: Provider) -> bool:
+    """Is `url` on the provider's site: its origin, or for domain level a host of the cookie domain
+    with the external scheme? Exactly where a login may return to (`safe_redirect`)."""
+    try:
+        parsed = ada_url.URL(url)  # absolute only: `null` (an opaque origin) or a relative value is foreign
+    except ValueError:
+        return False
+    return provider.safe_redirect(origin(parsed)) is not None
 
 
 class Endpoints:
@@ -123,6 +156,11 @@ class Endpoints:
                f"callback: signed in as {exchange.session.username}, back to {without_query(redirect)}", logging.INFO)
 
     async def sign_out(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
+        if header := sent_cross_site(flow.request, provider):
+            flow.response = pages.confirm_sign_out(exchange.path)
+            decide(flow, Outcome.ENDPOINT, "sign_out_confirm",
+                   f"sign_out: {header} says another site sent it; asked to confirm, no session ended", logging.INFO)
+            return
         await load_session(self.registry, exchange)
         session = exchange.session
         exchange.set_cookies.append(provider.clear_cookie(provider.cookie_name))
@@ -132,7 +170,8 @@ class Endpoints:
             return
         ended = await self.registry.store.delete_user(provider.name, session.sub)
         if provider.idp.end_session_endpoint:
-            flow.response = pages.redirect(provider.idp.end_session_url(session.id_token_hint))
+            status = 303 if flow.request.method == "POST" else 302  # after the confirmation form: GET at the IdP
+            flow.response = pages.redirect(provider.idp.end_session_url(session.id_token_hint), status)
         else:
             flow.response = pages.page(200, "Signed out", "You are signed out.")
         decide(flow, Outcome.ENDPOINT, "sign_out", f"sign_out: ended {ended} session(s) of {session.username}", logging.INFO)

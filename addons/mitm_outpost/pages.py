@@ -49,3 +49,23 @@ def empty(status: int) -> http.Response:
     response.data.headers = http.Headers(prototype.data.headers.fields)
     response.timestamp_start = response.timestamp_end = time.time()
     return response
+
+
+# The sign-out confirmation loads nothing and may not be framed: the click on it must be the user's own.
+# No Referrer-Policy: with `no-referrer` a browser sends `Origin: null` on the form's POST, which reads as
+# foreign; no form-action: Chromium applies it to the POST's redirect to the IdP too.
+_CONFIRM_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+}
+
+
+def confirm_sign_out(action: str) -> http.Response:
+    """The page a cross-site sign-out gets instead of the sign-out: a POST form to `action` (the
+    sign_out path the request used), which the browser then sends same-origin."""
+    form = (f'<form method="post" action="{html.escape(action)}"><p><button type="submit">Sign out</button> '
+            '<a href="/">Stay signed in</a></p></form>')
+    message = "Another site sent you here to sign out. Signing out ends your sessions on every device."
+    body = _PAGE.format(title="Sign out?", message=html.escape(message), link=form)
+    return http.Response.make(200, body, {"Content-Type": "text/html; charset=utf-8", **NO_STORE, **_CONFIRM_HEADERS})
