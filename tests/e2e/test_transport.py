@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx2
 import pytest
 from cryptography import x509
 from websockets.exceptions import InvalidStatus
@@ -163,3 +166,48 @@ def test_upstream_tls_validation_follows_the_provider(idp: str, tls_upstream: st
             assert tls_upstream.rsplit(":", 1)[1] not in response.text
 
 
+
+
+@pytest.fixture(scope="module")
+def cut_short_upstream() -> Iterator[str]:
+    """Answers 200 with a Content-Length, sends part of the body (small, or 2 MiB of a 5 MiB one), then closes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                head = conn.recv(65536)
+                big = b"/big" in head.split(b"\r\n", 1)[0]
+                declared, sent = (5 * MB, 2 * MB) if big else (100, 3)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % declared + b"x" * sent)
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def test_access_log_records_what_the_client_got_when_the_upstream_fails_mid_response(idp: str,
+                                                                                       cut_short_upstream: str) -> None:
+    port = free_port()
+    with Outpost([provider_entry("cut", port, cut_short_upstream, idp)], port, tool="lean") as outpost:
+        client = browser()
+        mock_login(client, f"{outpost.url}/")
+        small = client.get(f"{outpost.url}/small")
+        assert small.status_code == 502 and cut_short_upstream.rsplit(":", 1)[1] not in small.text
+        with pytest.raises(httpx2.RemoteProtocolError), client.stream("GET", f"{outpost.url}/big") as big:
+            assert big.status_code == 200  # streamed: the status went out before the upstream failed
+            for _ in big.iter_bytes():
+                pass
+        deadline = time.monotonic() + 5
+        while '"path":"/big"' not in outpost.output:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        records = [json.loads(line.split(" mitm_outpost.access ", 1)[1])
+                   for line in outpost.output.splitlines() if " mitm_outpost.access " in line]
+        lines = {record["path"]: record for record in records}
+        assert lines["/small"]["status"] == 502 and "incomplete" not in lines["/small"]
+        assert lines["/big"]["status"] == 200 and lines["/big"]["incomplete"] is True
