@@ -7,7 +7,6 @@ another browser ends the login with a reason, never a session.
 """
 
 import hashlib
-import hmac
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from .decision import Exchange
 from .identity import build_session
 from .oidc import TokenError
 from .provider import Provider
-from .sessions import LOGIN_TTL, PendingLogin, new_id
+from .sessions import LOGIN_TTL, LoginRefused, PendingLogin, new_id
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -34,6 +33,9 @@ class LoginFailed:
 
     code: str
     message: str
+
+
+_OTHER_BROWSER = LoginFailed("other_browser", "the login was started in another browser")
 
 
 def _binding(cookie: str) -> str:
@@ -76,11 +78,15 @@ async def finish_login(registry: Registry, exchange: Exchange, provider: Provide
         return LoginFailed("state_expired", "the login took too long; its state has expired")
     except jwt.PyJWTError:
         return LoginFailed("state_invalid", "the login state is not valid")
-    login = await registry.store.take_login(str(claims["state"]))
-    if login is None or login.provider != provider.name:
+    if not exchange.login_cookie:  # nothing to match: the store is not even asked
+        return _OTHER_BROWSER
+    # The binding is checked as the pending login is taken, not after: a callback replayed from
+    # elsewhere leaves it for the browser that started the login.
+    login = await registry.store.take_login(str(claims["state"]), provider.name, _binding(exchange.login_cookie))
+    if login is LoginRefused.OTHER_BROWSER:
+        return _OTHER_BROWSER
+    if login is LoginRefused.UNKNOWN:
         return LoginFailed("state_used", "the login state was already used or has expired")
-    if not exchange.login_cookie or not hmac.compare_digest(_binding(exchange.login_cookie), login.browser_binding):
-        return LoginFailed("other_browser", "the login was started in another browser")
     try:
         token = await provider.idp.exchange_code(code, login.code_verifier, login.redirect_uri)
         id_token = token.get("id_token")

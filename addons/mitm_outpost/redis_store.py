@@ -19,7 +19,8 @@ import redis.asyncio as redis
 from cachetools import TTLCache
 
 from . import names
-from .sessions import LOGIN_TTL, PendingLogin, Session, StoreUnavailable, header_value, shared, storage_key
+from .sessions import (LOGIN_TTL, LoginRefused, PendingLogin, Session, StoreUnavailable, header_value, shared,
+                       storage_key)
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -36,6 +37,20 @@ local members = redis.call('HKEYS', KEYS[1])
 for _, key in ipairs(members) do redis.call('DEL', key) end
 redis.call('DEL', KEYS[1])
 return members
+"""
+
+# Take a pending login only for its provider and the browser it is bound to, in one atomic step: a
+# callback replayed without the right pre-login cookie leaves it in place. false: none (or unreadable,
+# as another version's format would be); 0: another browser's. The binding is a SHA-256 of the cookie,
+# so comparing it in plain Lua (not in constant time) gives away nothing a cookie could be made from.
+_TAKE_LOGIN = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return false end
+local ok, login = pcall(cjson.decode, raw)
+if not ok or type(login) ~= 'table' or login.provider ~= ARGV[1] then return false end
+if login.browser_binding ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+return raw
 """
 
 
@@ -80,6 +95,7 @@ class RedisStore:
                                            health_check_interval=10)
         self.local: TTLCache[str, Session] = TTLCache(maxsize=100_000, ttl=LOCAL_TTL)
         self._delete_indexed = self.client.register_script(_DELETE_INDEXED)
+        self._take_login = self.client.register_script(_TAKE_LOGIN)
         self._tasks: list[asyncio.Task[None]] = []
         self.up = True  # readiness: false from a failed call until the next successful one
 
@@ -186,9 +202,14 @@ class RedisStore:
         value = json.dumps(dataclasses.asdict(login))
         await self._call(self.client.set(f"{PREFIX}login:{storage_key(state)}", value, ex=LOGIN_TTL))
 
-    async def take_login(self, state: str) -> PendingLogin | None:
-        raw = await self._call(self.client.getdel(f"{PREFIX}login:{storage_key(state)}"))
-        return PendingLogin(**json.loads(raw)) if raw else None
+    async def take_login(self, state: str, provider: str, browser_binding: str) -> PendingLogin | LoginRefused:
+        key = f"{PREFIX}login:{storage_key(state)}"
+        raw = await self._call(self._take_login(keys=[key], args=[provider, browser_binding]))
+        if raw is None:
+            return LoginRefused.UNKNOWN
+        if raw == 0:
+            return LoginRefused.OTHER_BROWSER
+        return PendingLogin(**json.loads(raw))
 
     def count(self) -> int:
         return len(self.local)

@@ -5,13 +5,15 @@ a dump of the store yields no usable cookie. The interface is async so that a ne
 store (Redis) drops in without any addon changing.
 """
 
+import enum
 import hashlib
+import hmac
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cachetools import TLRUCache, TTLCache
+from cachetools import Cache, TLRUCache, TTLCache
 
 from . import names
 
@@ -114,6 +116,13 @@ class PendingLogin:
     redirect_uri: str  # the callback URL the IdP was given (the token request repeats it)
 
 
+class LoginRefused(enum.Enum):
+    """Why `take_login` consumed nothing: the pending login, if there is one, stays for its own browser."""
+
+    UNKNOWN = "unknown"  # none under this state for this provider: used already, expired, or never made
+    OTHER_BROWSER = "other_browser"  # bound to another browser's pre-login cookie
+
+
 class StoreUnavailable(Exception):
     """The store cannot answer (Redis down or slow): requests fail closed with 503."""
 
@@ -125,19 +134,106 @@ class SessionStore(Protocol):
     async def delete_user(self, provider: str, sub: str) -> int: ...
     async def delete_idp_session(self, idp_sid: str) -> int: ...
     async def put_login(self, state: str, login: PendingLogin) -> None: ...
-    async def take_login(self, state: str) -> PendingLogin | None: ...
+    async def take_login(self, state: str, provider: str, browser_binding: str) -> PendingLogin | LoginRefused:
+        """The pending login, deleted in the same step, only when it is this provider's and bound to this
+        browser: a callback replayed without the right pre-login cookie must not use up the real one."""
+        ...
+
     def count(self) -> int: ...
     def snapshot(self) -> list[Session]: ...  # what this process holds, for the debugging commands
     up: bool  # false while the store cannot answer (readiness)
 
 
+_Keys = str | set[str]  # the storage keys an index entry names: one (most users) as itself, a set costs ~200 B
+
+
+def _add(index: dict[str, _Keys], name: str, key: str) -> None:
+    held = index.get(name)
+    if held is None:
+        index[name] = key
+    elif isinstance(held, str):
+        index[name] = {held, key}
+    else:
+        held.add(key)
+
+
+def _remove(index: dict[str, _Keys], name: str, key: str) -> None:
+    """Forget `key` under `name`; tolerant of a key already gone (replacing an entry may expire it too)."""
+    held = index.get(name)
+    if held == key:
+        del index[name]
+    elif isinstance(held, set):
+        held.discard(key)
+        if len(held) == 1:
+            index[name] = held.pop()
+
+
+class _Sessions(TLRUCache[str, Session]):
+    """Sessions by storage key, each expiring at its `expires_at`, with the indexes sign-out needs: by
+    provider and user, by IdP session. Every way an entry leaves (delete, expiry, eviction of the least
+    recently used, replacement, clear) updates them, so they never outgrow the store."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize=maxsize, ttu=lambda _k, s, _now: s.expires_at, timer=time.time)
+        self.by_user: dict[str, dict[str, _Keys]] = {}  # provider -> sub -> keys (no (provider, sub) tuple per session)
+        self.by_sid: dict[str, _Keys] = {}
+
+    def __setitem__(self, key: str, session: Session) -> None:
+        if Cache.__contains__(self, key):  # Cache's view: present even when expired and not yet purged
+            self._unindex(key, Cache.__getitem__(self, key))
+        super().__setitem__(key, session)
+        if Cache.__contains__(self, key):  # not when it was already expired
+            self._index(key, session)
+
+    def __delitem__(self, key: str) -> None:
+        session = Cache.__getitem__(self, key)
+        try:
+            super().__delitem__(key)  # a KeyError too when it had expired, once it is gone
+        finally:
+            self._unindex(key, session)
+
+    def expire(self, time: float | None = None) -> list[tuple[str, Session]]:
+        expired: list[tuple[str, Session]] = super().expire(time)
+        for key, session in expired:
+            self._unindex(key, session)
+        return expired
+
+    def clear(self) -> None:
+        super().clear()
+        self.by_user.clear()
+        self.by_sid.clear()
+
+    def delete_all(self, keys: _Keys | None) -> int:
+        """Delete the sessions an index entry names; how many of them had not expired yet."""
+        ended = 0
+        for key in [keys] if isinstance(keys, str) else list(keys or ()):
+            try:
+                del self[key]
+                ended += 1
+            except KeyError:  # it had expired: gone now, and not counted
+                pass
+        return ended
+
+    def _index(self, key: str, session: Session) -> None:
+        _add(self.by_user.setdefault(session.provider, {}), session.sub, key)
+        if session.idp_sid:
+            _add(self.by_sid, session.idp_sid, key)
+
+    def _unindex(self, key: str, session: Session) -> None:
+        users = self.by_user.get(session.provider, {})
+        _remove(users, session.sub, key)
+        if not users:
+            self.by_user.pop(session.provider, None)
+        if session.idp_sid:
+            _remove(self.by_sid, session.idp_sid, key)
+
+
 class MemoryStore:
-    """Sessions in this process, expiring on their own (cachetools)."""
+    """Sessions in this process, expiring on their own (cachetools), indexed so that ending every session
+    of a user or of an IdP session touches only those (a walk took 2.6 s at 1,000,000 sessions)."""
 
     def __init__(self, max_sessions: int = 1_000_000, max_logins: int = 100_000) -> None:
-        self._sessions: TLRUCache[str, Session] = TLRUCache(
-            maxsize=max_sessions, ttu=lambda _k, s, _now: s.expires_at, timer=time.time
-        )
+        self._sessions = _Sessions(max_sessions)
         self._logins: TTLCache[str, PendingLogin] = TTLCache(maxsize=max_logins, ttl=LOGIN_TTL)
 
     async def get(self, provider: str, session_id: str) -> Session | None:
@@ -154,23 +250,25 @@ class MemoryStore:
     up = True
 
     async def delete_user(self, provider: str, sub: str) -> int:
-        return self._delete_where(lambda s: s.provider == provider and s.sub == sub)
+        return self._sessions.delete_all(self._sessions.by_user.get(provider, {}).get(sub))
 
     async def delete_idp_session(self, idp_sid: str) -> int:
-        return self._delete_where(lambda s: bool(idp_sid) and s.idp_sid == idp_sid)
-
-    def _delete_where(self, match) -> int:  # type: ignore[no-untyped-def]
-        self._sessions.expire()
-        doomed = [key for key, session in self._sessions.items() if match(session)]
-        for key in doomed:
-            del self._sessions[key]
-        return len(doomed)
+        return self._sessions.delete_all(self._sessions.by_sid.get(idp_sid))
 
     async def put_login(self, state: str, login: PendingLogin) -> None:
         self._logins[storage_key(state)] = login
 
-    async def take_login(self, state: str) -> PendingLogin | None:
-        return self._logins.pop(storage_key(state), None)
+    async def take_login(self, state: str, provider: str, browser_binding: str) -> PendingLogin | LoginRefused:
+        """Look, then pop: nothing else runs in between (no await), so a login is still used once."""
+        key = storage_key(state)
+        login = self._logins.get(key)
+        if login is None or login.provider != provider:
+            return LoginRefused.UNKNOWN
+        if not hmac.compare_digest(login.browser_binding, browser_binding):
+            return LoginRefused.OTHER_BROWSER
+        if self._logins.pop(key, None) is None:  # it expired in the microseconds since the look
+            return LoginRefused.UNKNOWN
+        return login
 
     def count(self) -> int:
         self._sessions.expire()

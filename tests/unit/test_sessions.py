@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from mitm_outpost.sessions import MemoryStore, PendingLogin, Session, storage_key
+from mitm_outpost.sessions import LoginRefused, MemoryStore, PendingLogin, Session, storage_key
 
 
 def session(provider: str = "p", sub: str = "u", ttl: float = 60, sid: str = "") -> Session:
@@ -40,8 +40,8 @@ async def test_pending_logins_are_used_once() -> None:
     store = MemoryStore()
     login = PendingLogin("p", "binding", "nonce", "verifier", "https://a/", "https://a/outpost.goauthentik.io/callback")
     await store.put_login("state", login)
-    assert await store.take_login("state") == login
-    assert await store.take_login("state") is None
+    assert await store.take_login("state", "p", "binding") == login
+    assert await store.take_login("state", "p", "binding") is LoginRefused.UNKNOWN
 
 
 def test_redis_encoding_round_trips_and_stays_small() -> None:
