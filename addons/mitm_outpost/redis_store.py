@@ -118,6 +118,14 @@ class RedisStore:
         if not self._tasks:
             self._tasks = [asyncio.create_task(self._follow_invalidations()), asyncio.create_task(self._watch())]
 
+    def stop(self) -> None:
+        """Replaced by another store (a reload): its tasks end and its connections close."""
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = []
+        self.local.clear()
+        asyncio.get_running_loop().create_task(self.client.aclose())
+
     async def _watch(self) -> None:
         while True:
             try:
