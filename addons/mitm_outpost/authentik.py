@@ -27,7 +27,7 @@ import httpx2
 import websockets
 from mitmproxy import ctx
 
-from . import __version__, config, provider
+from . import __version__, config, names, provider
 from .configuration import Registry
 from .oidc import IdentityProvider
 from .provider import Provider
@@ -38,6 +38,9 @@ API = "api/v3/"
 PAGE_SIZE = 100
 REFRESH_DEFAULT, REFRESH_MIN = 300, 30
 HELLO_INTERVAL = 10
+# The HELLO's `version` is the authentik release reported (Registry.authentik_release); who we are goes here.
+IMPLEMENTATION = f"mitm-outpost {__version__} (Python {platform.python_version()})"
+USER_AGENT = f"goauthentik.io/outpost/{names.AUTHENTIK_RELEASE} mitm-outpost/{__version__}"
 STARTUP_RETRY = 3.0
 BACKOFF_MAX = 300.0
 HELLO, TRIGGER_UPDATE, SESSION_END = 1, 2, 4
@@ -105,7 +108,7 @@ class Api:
         self.settings = settings
         self.client = httpx2.AsyncClient(
             base_url=settings.host + API, timeout=15, verify=not settings.insecure,
-            headers={"Authorization": f"Bearer {settings.token}", "User-Agent": f"goauthentik.io/outpost/{__version__}"},
+            headers={"Authorization": f"Bearer {settings.token}", "User-Agent": USER_AGENT},
         )
 
     async def get(self, path: str, **params: Any) -> Any:
@@ -237,7 +240,7 @@ class AuthentikSource:
             values["certificate"] = str(await self.certificate(api, str(entry["certificate"])))
         settings = config.parse({"providers": [values]}).providers[0]
         idp = await asyncio.to_thread(IdentityProvider.from_settings, settings, not (self.settings and self.settings.insecure))
-        return provider.build(settings, outpost_name, idp)
+        return provider.build(settings, outpost_name, idp, release=self.registry.authentik_release)
 
     async def certificate(self, api: Api, pk: str) -> Path:
         """The key pair as a PEM file for the HTTPS listener, fetched again only when it changes."""
@@ -269,7 +272,7 @@ class AuthentikSource:
                 context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
             try:
                 async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {self.settings.token}"},
-                                              user_agent_header=f"goauthentik.io/outpost/{__version__}", ssl=context) as ws:
+                                              user_agent_header=USER_AGENT, ssl=context) as ws:
                     backoff = 1.0
                     logger.info("authentik: websocket connected")
                     await asyncio.gather(self.say_hello(ws), self.listen(ws))
@@ -283,9 +286,9 @@ class AuthentikSource:
     async def say_hello(self, ws: Any) -> None:
         while True:
             await ws.send(json.dumps({"instruction": HELLO, "args": {
-                "version": __version__, "buildHash": "", "uuid": self.instance, "hostname": platform.node(),
-                "golangVersion": "", "opensslEnabled": False, "opensslVersion": "", "fipsEnabled": False,
-                "outpostImplementation": "mitm-outpost"}}))
+                "version": self.registry.authentik_release, "buildHash": "", "uuid": self.instance,
+                "hostname": platform.node(), "golangVersion": IMPLEMENTATION, "opensslEnabled": False,
+                "opensslVersion": ssl.OPENSSL_VERSION, "fipsEnabled": False, "outpostImplementation": IMPLEMENTATION}}))
             await asyncio.sleep(HELLO_INTERVAL)
 
     async def listen(self, ws: Any) -> None:

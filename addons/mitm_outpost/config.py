@@ -37,6 +37,8 @@ PROVIDER_FIELDS: dict[str, Field] = {
     "mode": Field(str, default=Mode.PROXY.value),
     "internal_host": Field(str, default=""),
     "internal_host_ssl_validation": Field(bool, default=True),
+    # Not an authentik field: the Host the application receives, the client's (authentik's behaviour) or internal_host's.
+    "upstream_host": Field(str, default="client"),
     "client_id": Field(str, required=True),
     "client_secret": Field(str, default="", secret=True),
     "cookie_secret": Field(str, default="", secret=True),
@@ -64,6 +66,7 @@ PROVIDER_FIELDS: dict[str, Field] = {
     "oidc_configuration": Field(dict, default=None),
 }
 EXPLICIT_ENDPOINTS = ("authorization_endpoint", "token_endpoint", "jwks_uri")
+UPSTREAM_HOSTS = ("client", "internal")  # `upstream_host`: whose Host the application receives
 
 OUTPOST_FIELDS: dict[str, Field] = {
     "name": Field(str, default="mitm-outpost"),
@@ -193,6 +196,8 @@ def _check_provider(values: dict[str, Any], label: str) -> None:
         raise ConfigError(f"{label}: field 'mode': must be one of {modes}") from None
     if values["mode"] == Mode.PROXY and not values["internal_host"]:
         raise ConfigError(f"{label}: field 'internal_host': required in proxy mode")
+    if values["upstream_host"] not in UPSTREAM_HOSTS:
+        raise ConfigError(f"{label}: field 'upstream_host': must be one of {', '.join(UPSTREAM_HOSTS)}")
     if values["mode"] == Mode.FORWARD_DOMAIN and not values["cookie_domain"]:
         raise ConfigError(f"{label}: field 'cookie_domain': required in forward_domain mode")
     oidc = values["oidc_configuration"] or {}

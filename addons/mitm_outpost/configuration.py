@@ -4,6 +4,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -13,7 +14,7 @@ from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
 from . import config, provider
-from .names import Mode
+from .names import AUTHENTIK_RELEASE, Mode
 from .provider import Provider
 from .sessions import MemoryStore, SessionStore
 
@@ -88,6 +89,7 @@ class Registry:
     legacy_headers: bool = True
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ready: bool = True  # false while providers are still awaited from authentik (readiness)
+    authentik_release: str = AUTHENTIK_RELEASE  # what the outpost reports to authentik (outpost_authentik_version)
     outpost_uuid: str = ""  # the authentik outpost instance's pk, when providers come from authentik
     on_change: list[Callable[[], None]] = field(default_factory=list)  # run after every swap
 
@@ -160,14 +162,14 @@ def parse_networks(values: Sequence[str]) -> tuple[ipaddress.IPv4Network | ipadd
         raise exceptions.OptionsError(f"trusted_proxies: {e}") from None
 
 
-def build_providers(path: str) -> tuple[config.OutpostConfig, tuple[Provider, ...]]:
+def build_providers(path: str, release: str) -> tuple[config.OutpostConfig, tuple[Provider, ...]]:
     cfg = config.load(path)
-    return cfg, build_all(cfg)
+    return cfg, build_all(cfg, release)
 
 
-def build_all(cfg: config.OutpostConfig) -> tuple[Provider, ...]:
+def build_all(cfg: config.OutpostConfig, release: str) -> tuple[Provider, ...]:
     """Every provider of a parsed file: discovery and JWKS over the network (blocking: run it off the loop)."""
-    return tuple(provider.build(entry, cfg.name) for entry in cfg.providers)
+    return tuple(provider.build(entry, cfg.name, release=release) for entry in cfg.providers)
 
 
 def make_store(cfg: config.OutpostConfig) -> SessionStore:
@@ -178,6 +180,7 @@ def make_store(cfg: config.OutpostConfig) -> SessionStore:
     return RedisStore(cfg.session_store, cfg.session_store_password or None)
 
 
+RELEASE = re.compile(r"\d{4}\.\d{1,2}\.\d+(-rc\d+)?")
 RELOAD_TIMEOUT = 60  # seconds a reload may take (discovery, JWKS of every provider) before it is given up
 
 
@@ -214,6 +217,11 @@ class Configuration:
             "Log one line per request with the decision (the flow comment shows it in mitmweb anyway).",
         )
         loader.add_option(
+            "outpost_authentik_version", str, AUTHENTIK_RELEASE,
+            "The authentik release the outpost reports (websocket HELLO, X-authentik-meta-version), as authentik's "
+            "own outpost of that release would; read at start.",
+        )
+        loader.add_option(
             "outpost_legacy_headers", bool, True,
             "Also send the pre-2022 identity header names (X-Auth-Username, X-Forwarded-Email, ...).",
         )
@@ -225,6 +233,10 @@ class Configuration:
             logger.setLevel(logging.DEBUG if ctx.options.outpost_log_decisions else logging.INFO)
         if "outpost_legacy_headers" in updated:
             self.registry.legacy_headers = ctx.options.outpost_legacy_headers
+        if "outpost_authentik_version" in updated:
+            if not RELEASE.fullmatch(ctx.options.outpost_authentik_version):
+                raise exceptions.OptionsError("outpost_authentik_version: an authentik release such as 2025.10.0")
+            self.registry.authentik_release = ctx.options.outpost_authentik_version
         if "outpost_config" not in updated:
             return
         path = str(Path(ctx.options.outpost_config).expanduser())
@@ -233,7 +245,7 @@ class Configuration:
             return
         if not self.serving:
             try:
-                self.install(*build_providers(path))
+                self.install(*build_providers(path, self.registry.authentik_release))
             except config.ConfigError as e:
                 # An error-level log line makes mitmproxy exit with status 1 (its errorcheck addon)
                 # before anything is served; raising would add a traceback.
@@ -249,7 +261,8 @@ class Configuration:
 
     async def reload(self, cfg: config.OutpostConfig, path: str) -> None:
         try:
-            providers = await asyncio.wait_for(asyncio.to_thread(build_all, cfg), RELOAD_TIMEOUT)
+            release = self.registry.authentik_release
+            providers = await asyncio.wait_for(asyncio.to_thread(build_all, cfg, release), RELOAD_TIMEOUT)
             self.install(cfg, providers)
         except asyncio.CancelledError:
             raise

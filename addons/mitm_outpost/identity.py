@@ -155,7 +155,6 @@ def _backend(ak_proxy: dict[str, Any], who: str) -> tuple[tuple[str, str, int, s
         else:
             scheme = url.protocol.rstrip(":")
             host, port = url.hostname, int(url.port or (443 if scheme == "https" else 80))
-            host_header = host_header if host_header is not None else url.host
     if host_header is not None and not error and (not isinstance(host_header, str) or not _HOST.match(host_header)):
         error = f"host_header {str(host_header)[:100]!r} is not a host"
     if error:

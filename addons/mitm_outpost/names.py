@@ -7,7 +7,6 @@ strings (authentik's own), so each list lives here once and every module imports
 import hashlib
 from enum import StrEnum
 
-from . import __version__
 
 
 class Mode(StrEnum):
@@ -25,10 +24,24 @@ ENDPOINTS = frozenset({*HEALTH, START, CALLBACK, SIGN_OUT, BACKCHANNEL_LOGOUT})
 CALLBACK_PATH = "/outpost.goauthentik.io/callback"
 LEGACY_PREFIX = "/akprox/"
 LEGACY_CALLBACK_PATH = "/akprox/callback"
-CALLBACK_QUERY = "X-authentik-auth-callback=true"
+# authentik's "querystring signatures": on any path of a provider's host, a query whose first value of
+# one of these keys (case-sensitive) is `true` (any case) is the callback or the sign-out, tested in
+# this order. In a forward-auth check they are read from the original URL.
+CALLBACK_MARKER, LOGOUT_MARKER = "X-authentik-auth-callback", "X-authentik-logout"
+MARKERS = ((CALLBACK_MARKER, CALLBACK), (LOGOUT_MARKER, SIGN_OUT))
+CALLBACK_QUERY = f"{CALLBACK_MARKER}=true"
+LOGOUT_QUERY = f"{LOGOUT_MARKER}=true"
 START_PATH = "/outpost.goauthentik.io/start"
 
-OUTPOST_VERSION = f"goauthentik.io/outpost/mitm-outpost-{__version__}"
+# The authentik release this outpost stands in for: what authentik's outpost would report (the websocket
+# HELLO, X-authentik-meta-version), so authentik does not flag the outpost as outdated. Our own version is
+# __version__ (in the HELLO's other fields and in /metrics); the option outpost_authentik_version overrides it.
+AUTHENTIK_RELEASE = "2025.10.0"
+
+
+def reported_version(release: str) -> str:
+    """`X-authentik-meta-version`, as authentik's outpost writes it."""
+    return f"goauthentik.io/outpost/{release}"
 
 # Identity headers sent upstream (seeds 000/001), in the order the upstream sees them.
 USERNAME = "X-authentik-username"

@@ -27,8 +27,9 @@ class Upstream:
     scheme: str
     host: str
     port: int
-    host_header: str
+    host_header: str  # internal_host's own host[:port]
     verify_tls: bool
+    keep_client_host: bool  # the application receives the client's Host (authentik's way), not host_header
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +82,10 @@ class Provider:
         return safe_redirect(rd, self.external_origin, domain)
 
 
-def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | None = None) -> Provider:
-    """Turn one validated config entry into a Provider. Raises ConfigError naming the field."""
+def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | None = None,
+          release: str = names.AUTHENTIK_RELEASE) -> Provider:
+    """Turn one validated config entry into a Provider. Raises ConfigError naming the field.
+    `release`: the authentik release the outpost reports (names.AUTHENTIK_RELEASE)."""
     label = f"provider '{settings['name']}'"
     try:
         external = parse_origin_url(settings["external_host"])
@@ -97,7 +100,8 @@ def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | N
             raise ConfigError(f"{label}: field 'internal_host': {e}") from None
         scheme = internal.protocol.rstrip(":")
         port = int(internal.port or (443 if scheme == "https" else 80))
-        upstream = Upstream(scheme, internal.hostname, port, internal.host, settings["internal_host_ssl_validation"])
+        upstream = Upstream(scheme, internal.hostname, port, internal.host, settings["internal_host_ssl_validation"],
+                            settings["upstream_host"] == "client")
     client_id = settings["client_id"]
     secure = external.protocol == "https:"
     attributes = ["Path=/"]
@@ -115,7 +119,7 @@ def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | N
         (names.META_OUTPOST, outpost_name),
         (names.META_PROVIDER, settings["name"]),
         (names.META_APP, slug),
-        (names.META_VERSION, names.OUTPOST_VERSION),
+        (names.META_VERSION, names.reported_version(release)),
     )
     return Provider(
         name=settings["name"],

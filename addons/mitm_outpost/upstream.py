@@ -12,6 +12,7 @@ static ones.
 import logging
 
 from mitmproxy import ctx, http, tls
+from mitmproxy.addonmanager import Loader
 from OpenSSL import SSL
 
 from . import names, pages
@@ -25,12 +26,28 @@ logger = logging.getLogger("mitm_outpost")
 
 _COOKIE_PREFIX = names.COOKIE_PREFIX.lower()
 HOST_ONLY = frozenset({b"host"})
+POWERED_BY = "goauthentik.io"
 GOES_UPSTREAM = frozenset({Action.ALLOW, Action.SKIP})
+
+
+def authority(scheme: str, host: str, port: int) -> str:
+    """host[:port] as a Host header names it (the port only when it is not the scheme's own)."""
+    name = f"[{host}]" if ":" in host else host
+    return name if port == (443 if scheme == "https" else 80) else f"{name}:{port}"
 
 
 class Upstream:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        self.powered_by = True
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option("outpost_powered_by", bool, True,
+                          "Add `X-Powered-By: goauthentik.io` to proxied responses, as authentik's outpost does.")
+
+    def configure(self, updated: set[str]) -> None:
+        if "outpost_powered_by" in updated:
+            self.powered_by = ctx.options.outpost_powered_by
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -43,15 +60,18 @@ class Upstream:
         assert exchange is not None and exchange.provider is not None and exchange.provider.upstream is not None
         session = exchange.session
         upstream = exchange.provider.upstream
-        scheme, host, port, host_header = upstream.scheme, upstream.host, upstream.port, upstream.host_header
-        if session is not None and session.backend and session.backend[0]:
-            scheme, host, port = session.backend[:3]
-        exchange.verify_tls = upstream.verify_tls  # this flow's provider decides, for an ak_proxy backend too
-        if session is not None and session.backend:
-            host_header = session.backend[3] or host_header
         request = flow.request
+        scheme, host, port = upstream.scheme, upstream.host, upstream.port
+        host_header = (request.host_header or upstream.host_header) if upstream.keep_client_host else upstream.host_header
+        if session is not None and session.backend:  # ak_proxy: backend_override and/or host_header
+            if session.backend[0]:
+                scheme, host, port = session.backend[:3]
+                if not upstream.keep_client_host:
+                    host_header = authority(scheme, host, port)
+            host_header = session.backend[3] or host_header
+        exchange.verify_tls = upstream.verify_tls  # this flow's provider decides, for an ak_proxy backend too
         exchange.forwarded = (
-            (b"Host", host_header.encode()),
+            (b"Host", host_header.encode("utf-8", "surrogateescape")),
             (b"X-Forwarded-Host", (request.host_header or "").encode("utf-8", "surrogateescape")),
             (b"X-Forwarded-Proto", b"https" if flow.client_conn.tls_established else b"http"),
             (b"X-Forwarded-For", flow.client_conn.peername[0].encode()),
@@ -61,7 +81,7 @@ class Upstream:
         data = request.data
         data.scheme, data.host, data.port = scheme.encode(), host, port
         if data.authority:  # HTTP/2 from the client: :authority towards the upstream, as Host
-            data.authority = host_header.encode()
+            data.authority = host_header.encode("utf-8", "surrogateescape")
         exchange.proxied = True
         self.set_fields(request, exchange)
         if session is not None:
@@ -115,6 +135,8 @@ class Upstream:
                    "handshake", logging.WARNING)
             return
         response_headers = flow.response.headers
+        if self.powered_by:
+            response_headers["X-Powered-By"] = POWERED_BY
         if "Set-Cookie" in response_headers:
             cookies = response_headers.get_all("Set-Cookie")
             kept = [c for c in cookies if not c.lstrip().lower().startswith(_COOKIE_PREFIX)]

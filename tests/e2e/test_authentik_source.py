@@ -247,3 +247,22 @@ def test_file_and_api_providers_together_and_a_conflict(api: AuthentikAPIDouble,
         api.send_trigger_update()
         eventually(lambda: "provider 'from-file' already serves file.example.test" in outpost.output)
         assert outpost.get("api.example.test", "/x").status_code == 302  # the last good set keeps serving
+
+
+@pytest.mark.parametrize("release, outdated", [(None, False), ("2024.2.0", True)])
+def test_authentik_does_not_flag_the_outpost_as_outdated(api: AuthentikAPIDouble, idp_doc: dict[str, Any], upstream: str,
+                                                         release: str | None, outdated: bool) -> None:
+    """The HELLO and X-authentik-meta-version name an authentik release, as authentik's outpost does; an older
+    one, set by the option, is flagged exactly as authentik would flag an old outpost."""
+    api.set_providers([provider(idp_doc, "app", "app.example.test", upstream)])
+    outpost = ApiOutpost(api)
+    if release:
+        outpost.args += ["--set", f"outpost_authentik_version={release}"]
+    with outpost:
+        eventually(outpost.ready)
+        eventually(lambda: len(api.hellos) >= 1)
+        hello = api.hellos[0]
+        assert api.version_outdated(hello) is outdated
+        assert hello["version"] == (release or api.server_version) and "mitm-outpost 0." in hello["golangVersion"]
+        headers = seen(outpost, "app.example.test", login(outpost, "app.example.test"))
+        assert headers["x-authentik-meta-version"] == f"goauthentik.io/outpost/{release or api.server_version}"

@@ -75,7 +75,9 @@ def test_login_round_trip_sends_identity_headers(outpost: Outpost) -> None:
     assert "Max-Age=600" in session_cookie
 
     client.cookies.set("theme", "dark")
-    seen = received(client.get(f"{outpost.url}/headers"))
+    proxied = client.get(f"{outpost.url}/headers")
+    assert proxied.headers["x-powered-by"] == "goauthentik.io"  # as authentik's outpost answers
+    seen = received(proxied)
     assert seen["x-authentik-username"] == ["alice"]
     assert seen["x-authentik-groups"] == ["admins|users"]
     assert seen["x-authentik-entitlements"] == ["app-admin"]
@@ -89,8 +91,7 @@ def test_login_round_trip_sends_identity_headers(outpost: Outpost) -> None:
     for legacy, value in {"x-auth-username": "alice", "x-auth-groups": "admins|users", "x-forwarded-email": "alice@example.test",
                           "x-forwarded-preferred-username": "alice", "x-forwarded-user": "alice"}.items():
         assert seen[legacy] == [value]
-    upstream_host = seen["host"][0]
-    assert upstream_host != f"127.0.0.1:{outpost.http_port}"  # the backend's host (seed 000)
+    assert seen["host"] == [f"127.0.0.1:{outpost.http_port}"]  # the client's Host, as authentik sends it (seed 001)
     assert seen["x-forwarded-host"] == [f"127.0.0.1:{outpost.http_port}"]
     assert seen["x-forwarded-proto"] == ["http"] and seen["x-forwarded-for"] == ["127.0.0.1"]
     assert seen["cookie"] == ["theme=dark"]  # the outpost's cookies never reach the app
@@ -247,3 +248,15 @@ def test_flows_record_their_decision(outpost: Outpost) -> None:
     logged_in(outpost)
     log = outpost.output
     assert re.search(r"callback: signed in as alice", log)
+
+
+def test_upstream_host_internal_and_no_powered_by(idp: str, upstream: str) -> None:
+    """For apps that need internal_host's own Host (not an authentik field), and the option for X-Powered-By."""
+    port = free_port()
+    entry = provider_entry("internal", port, upstream, idp, upstream_host="internal")
+    with Outpost([entry], port, extra=["--set", "outpost_powered_by=false"]) as outpost:
+        client = logged_in(outpost)
+        response = client.get(f"{outpost.url}/headers")
+        seen = received(response)
+        assert seen["host"] == [upstream.removeprefix("http://")] and seen["x-forwarded-host"] == [f"127.0.0.1:{port}"]
+        assert "x-powered-by" not in response.headers

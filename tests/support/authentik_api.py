@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import packaging.version
 from websockets.datastructures import Headers
 from websockets.frames import Opcode
 from websockets.http11 import Request
@@ -419,6 +420,7 @@ class AuthentikAPIDouble:
         self.violations: list[str] = []
         self.ws_clients: list[WebsocketClient] = []
         self.hellos: list[dict[str, Any]] = []
+        self.server_version, self.build_hash = "2025.10.0", ""  # the authentik release the double stands for
         self._connections: list[_Connection] = []
         self._sockets: set[socket.socket] = set()
         self._changed = threading.Condition(self._lock)
@@ -666,6 +668,13 @@ class AuthentikAPIDouble:
 
     def wait_for_connections(self, n: int = 1, timeout: float = 10.0) -> None:
         self.wait_for(lambda: len(self._connections) >= n, timeout, f"{n} websocket connection(s)")
+
+    def version_outdated(self, hello: dict[str, Any]) -> bool:
+        """authentik's OutpostState.version_outdated: with matching build hashes, an outpost whose
+        version is older than the server's is flagged in the outpost list."""
+        if not hello.get("version") or hello.get("buildHash", "") != self.build_hash:
+            return False
+        return packaging.version.parse(str(hello["version"])) < packaging.version.parse(self.server_version)
 
     def wait_for_hellos(self, n: int = 1, timeout: float = 10.0) -> None:
         self.wait_for(lambda: len(self.hellos) >= n, timeout, f"{n} HELLO(s)")

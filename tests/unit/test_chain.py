@@ -19,6 +19,7 @@ from mitm_outpost.routing import Routing
 from mitm_outpost.sanitize import Sanitize
 from mitm_outpost.session_check import SessionCheck
 from mitm_outpost.sessions import Session
+from tests.unit.conftest import make_provider
 from mitm_outpost.upstream import Upstream
 
 
@@ -76,7 +77,7 @@ async def test_skip_rule_lets_through_without_identity(registry: Registry) -> No
     assert f.response is None
     assert f.metadata["outpost"]["outcome"] == "skipped"
     assert not [k for k in f.request.headers if k.lower().replace("_", "-").startswith("x-authentik")]
-    assert (f.request.host, f.request.port, f.request.headers["Host"]) == ("10.0.0.5", 8080, "10.0.0.5:8080")
+    assert (f.request.host, f.request.port, f.request.headers["Host"]) == ("10.0.0.5", 8080, "app.example.test")
 
 
 async def test_session_gets_identity_and_forwarding_headers(registry: Registry) -> None:
@@ -90,16 +91,28 @@ async def test_session_gets_identity_and_forwarding_headers(registry: Registry) 
     assert headers["Cookie"] == "a=1; b=2"
     assert headers["X-Forwarded-For"] == "127.0.0.1" and headers["X-Forwarded-Host"] == "app.example.test"
     assert f.metadata["outpost"]["outcome"] == "allowed" and f.metadata["outpost"]["user"] == "alice"
-    assert (f.request.scheme, f.request.host, f.request.port, headers["Host"]) == ("http", "10.0.0.5", 8080, "10.0.0.5:8080")
+    # authentik's way: the URL goes to internal_host, Host stays the client's (seed 001).
+    assert (f.request.scheme, f.request.host, f.request.port, headers["Host"]) == ("http", "10.0.0.5", 8080, "app.example.test")
+    assert f.response is None and headers.get_all("Host") == ["app.example.test"]
 
 
-async def test_an_http2_request_goes_upstream_with_the_backend_authority(registry: Registry) -> None:
+async def test_upstream_host_internal_sends_the_backends_host(registry: Registry) -> None:
+    registry.replace("test-outpost", (make_provider(upstream_host="internal"),))
+    f = await run(registry, flow("/x", headers={"Cookie": await logged_in(registry)}))
+    assert (f.request.host, f.request.headers["Host"], f.request.headers["X-Forwarded-Host"]) == (
+        "10.0.0.5", "10.0.0.5:8080", "app.example.test")
+
+
+@pytest.mark.parametrize("upstream_host, sent", [("client", "app.example.test"), ("internal", "10.0.0.5:8080")])
+async def test_an_http2_request_goes_upstream_with_the_same_authority_as_host(registry: Registry, upstream_host: str,
+                                                                              sent: str) -> None:
+    registry.replace("test-outpost", (make_provider(upstream_host=upstream_host),))
     cookie = await logged_in(registry)
     f = flow("/x", headers={"Cookie": cookie})
     f.request.http_version, f.request.authority = "HTTP/2.0", "app.example.test"
     f = await run(registry, f)
     assert f.metadata["outpost"]["outcome"] == "allowed"
-    assert (f.request.host, f.request.port, f.request.authority, f.request.host_header) == ("10.0.0.5", 8080, "10.0.0.5:8080", "10.0.0.5:8080")
+    assert (f.request.host, f.request.port, f.request.authority, f.request.host_header) == ("10.0.0.5", 8080, sent, sent)
     assert f.request.headers["X-Forwarded-Host"] == "app.example.test"
 
 
