@@ -115,7 +115,7 @@ def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | N
             raise ConfigError(f"{label}: field 'issuer': {e}") from None
     slug = settings["assigned_application_slug"] or settings["name"]
     static = (
-        (names.META_JWKS, idp.jwks.uri if idp.jwks else ""),
+        (names.META_JWKS, idp.jwks_uri),
         (names.META_OUTPOST, outpost_name),
         (names.META_PROVIDER, settings["name"]),
         (names.META_APP, slug),

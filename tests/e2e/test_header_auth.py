@@ -119,6 +119,8 @@ def test_authentik_basic_app_password(upstream: str) -> None:
             assert response.status_code == 200
             seen = {k.lower(): v for k, v in response.json()["headers"]}
             assert seen["x-authentik-username"] == "svc" and seen["x-authentik-groups"] == "api"
+            # HS256 with no signing key: authentik still sends the provider's JWKS URL
+            assert seen["x-authentik-meta-jwks"] == f"http://127.0.0.1:{authentik.port}/application/o/app/jwks/"
             bad = base64.b64encode(b"svc:wrong").decode()
             assert httpx2.get(f"{outpost.url}/headers", headers={"Authorization": f"Basic {bad}"}).status_code == 401
 

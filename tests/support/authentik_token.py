@@ -3,7 +3,7 @@
 authentik's header Basic auth (spec §11) sends `grant_type=client_credentials` with the
 provider's client_id and a user's name and app password, and no client secret; authentik
 answers with an HS256 ID token signed with the client secret. Only that contract is served:
-discovery and the token endpoint.
+discovery and the token endpoint (a provider with no signing key: HS256 only, its JWKS URL still advertised).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ class AuthentikTokenEndpoint:
                 base = f"http://127.0.0.1:{endpoint.port}/application/o"
                 self._json(200, {"issuer": endpoint.issuer, "authorization_endpoint": f"{base}/authorize/",
                                  "token_endpoint": f"{base}/token/", "id_token_signing_alg_values_supported": ["HS256"],
+                                 # authentik advertises the application's JWKS URL even with no signing key
+                                 "jwks_uri": f"{base}/app/jwks/",
                                  "token_endpoint_auth_methods_supported": ["client_secret_post"]})
 
             def do_POST(self) -> None:
