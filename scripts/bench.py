@@ -37,6 +37,18 @@ tracemalloc; RedisStore.put into a private redis-server: INFO memory), two lean 
 Redis behind nginx against one, with Redis commands per request (INFO commandstats), and with
 --soak MINUTES the lean runner's RSS every 10 s at ~80 % of its signed-in req/s (h2load --rps).
 
+and what issue 14 asks of login and state changes (see bench_state.py), on lean runners of their own:
+
+  lean runner, /start                  wrk on /outpost.goauthentik.io/start without cookies: each request stores
+                                       a pending login and answers 302 to the IdP (CPU per request, in the rounds)
+  lean runner, no session: 302         a protected path without a session: 302 to /start, neither IdP nor store
+                                       asked (the /start flood's req/s is compared to this one's)
+  signed-in p99 next to a /start flood one client at PROBE_RATE req/s, alone and while wrk floods /start
+  sign-out at --signout-sessions       an in-process MemoryStore (fresh process): delete_user of one user, and the
+                                       longest event-loop stall during 100 sign-outs per second
+  reload                               SIGHUP after a second provider whose issuer never answers was added: /ping
+                                       latency from a client sending back to back for RELOAD_WINDOW s
+
 The upstream answers `hello <X-authentik-username>`, so a body of "hello alice" proves that a
 request went through the outpost, as alice, to the upstream (and not to a login redirect).
 """
@@ -51,6 +63,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,6 +74,8 @@ from pathlib import Path
 
 import httpx2
 import mitmproxy.version
+
+import bench_state  # scripts/, next to this file (sys.path[0] when run as a script)
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -681,15 +696,7 @@ def memory_probe(mode: str, n: int) -> None:
 
 
 def session_memory(n: int, modes: tuple[str, ...] = ("rss", "tracemalloc")) -> dict[str, dict]:
-    import json
-    out = {}
-    for mode in modes:
-        done = subprocess.run([sys.executable, __file__, "--memory-probe", f"{mode}:{n}"], capture_output=True,
-                              text=True, timeout=600, cwd=ROOT)
-        if done.returncode != 0:
-            sys.exit(f"memory probe {mode} failed:\n{done.stderr}")
-        out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    return out
+    return {mode: fresh_process_json("--memory-probe", f"{mode}:{n}", f"memory probe {mode}") for mode in modes}
 
 
 def start_redis(procs: Processes, tmp: Path) -> tuple[int, str] | None:
@@ -929,6 +936,216 @@ def summarize_profile(path: Path, requests: int, ours: str = "mitm_outpost") -> 
     return lines
 
 
+# ---------------------------------------------------------------- issue 14: /start, sign-out, reload
+
+START_PATH = "/outpost.goauthentik.io/start"
+PING_PATH = "/outpost.goauthentik.io/ping"
+PROBE_RATE = 50  # signed-in requests per second next to a flood: one user, not one more flood connection
+RELOAD_WINDOW = 3  # seconds of /ping after SIGHUP (and 1 s before it, --quick 0.5 s)
+SIGNOUT_RATE = 100  # sign-outs per second in the storm, for 3 s (--quick 2 s)
+
+
+def met(ok: bool) -> str:
+    return "✓" if ok else "✗ missed"
+
+
+def check_redirect(url: str, headers: tuple[str, ...], expect: str) -> None:
+    """One request with the load tool's headers must answer 302 to a location containing `expect`:
+    the flood rows measure that answer, not an error page."""
+    r = httpx2.get(url, headers=[tuple(h.split(": ", 1)) for h in headers], timeout=10)
+    if r.status_code != 302 or expect not in r.headers.get("location", ""):
+        sys.exit(f"{url} {list(headers)} answered {r.status_code} {r.headers.get('location', '')!r}, "
+                 f"expected a 302 to ...{expect}...")
+
+
+def start_login_setups(procs: Processes, tmp: Path, mitmdump: str, confdir: str, up_port: int,
+                       idp_port: int) -> tuple[dict[str, Setup], Setup]:
+    """A lean runner of its own (every /start stores a pending login, which the signed-in rows' process
+    must not carry) with the two flood rows, both without cookies: /start, and a protected path without
+    a session (302 to /start, neither the IdP nor the store asked). Also the signed-in probe's Setup."""
+    proc, argv, port = start_outpost(procs, tmp, mitmdump, confdir, up_port, idp_port, {"bench": (1, "")},
+                                     runner="lean", name="lean_login", extra=ACCESS_LOG_OFF)
+    origin = f"http://{HOST}:{port}"
+    wait_http(origin + PING_PATH, procs, proc, expect=204)
+    host = (f"Host: bench.{OUTPOST_DOMAIN}:{port}",)
+    check_redirect(origin + START_PATH, host, "/authorize")
+    check_redirect(origin + "/bench", host, START_PATH)
+    cookie = log_in(f"http://bench.{OUTPOST_DOMAIN}:{port}", LoopbackTransport())
+    probe = Setup("lean runner, signed in (probe)", origin + "/bench", argv, proc.pid, (f"Cookie: {cookie}", *host))
+    check_proxied(probe.url, probe.headers)
+    print(f"lean runner for /start: {START_PATH} answers 302 to the IdP, /bench without a session 302 to "
+          f"{START_PATH}; signed in as {USER} for the probe", flush=True)
+    return {"lean_start": Setup("lean runner, /start (no cookie)", origin + START_PATH, argv, proc.pid, host,
+                                count_non_200=False),
+            "lean_redirect": Setup("lean runner, no session: 302 to /start", origin + "/bench", argv, proc.pid, host,
+                                   count_non_200=False)}, probe
+
+
+def probe_p99(probe: Setup, seconds: int, load: Load | None = None, flood: Setup | None = None) -> tuple[float, int]:
+    """The signed-in probe's p99 (ms) and request count over `seconds`, alone or while wrk floods
+    `flood`: wrk runs a second longer, the probe starts half a second in, so every probe request
+    meets the flood."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def measure() -> tuple[list[float], list[str]]:
+        if flood:
+            time.sleep(0.5)
+        return bench_state.timed_requests(probe.url, list(probe.headers), seconds, PROBE_RATE, 200, f"hello {USER}")
+
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(measure)
+        if flood and load:
+            r = load.run(flood.label, flood.url, seconds + 1, list(flood.headers), 0, None)
+            errors = [e for e in r.errors.split(", ") if e and not e.endswith(" 3xx")]  # h2load counts the 302s
+            if errors:
+                sys.exit(f"{flood.label} next to the probe: {r.errors}")
+        latencies, wrong = running.result()
+    if wrong:
+        sys.exit(f"{probe.label}: {len(wrong)} of {len(latencies)} answers not 200 'hello {USER}', e.g. {wrong[0]}")
+    return bench_state.percentile(latencies, 99), len(latencies)
+
+
+def login_flood(args: argparse.Namespace, load: Load, rounds: dict[str, list[Result]], setups: dict[str, Setup],
+                probe: Setup) -> list[str]:
+    """The /start figures: CPU per request and req/s against the plain redirect from the rounds; the
+    probe's p99 alone and next to a /start flood (and next to a plain-redirect flood, which queues
+    the probe as much but does no login work), `--rounds` times, measured here."""
+    start, plain = median(rounds["lean_start"]), median(rounds["lean_redirect"])
+    cpu_ms = [1000 * r.cpu / r.rps for r in rounds["lean_start"] if r.cpu]
+    ratios = [s.rps / p.rps for s, p in zip(rounds["lean_start"], rounds["lean_redirect"])]
+    p99: dict[str, list[tuple[float, int]]] = {"alone": [], "lean_start": [], "lean_redirect": []}
+    for n in range(args.rounds):
+        for key in p99:
+            print(f"round {n + 1}/{args.rounds}, signed-in probe at {PROBE_RATE}/s "
+                  f"{'alone' if key == 'alone' else 'next to ' + setups[key].label}: {args.duration} s", flush=True)
+            p99[key].append(probe_p99(probe, args.duration, load, setups.get(key)))
+    alone = statistics.median(p for p, _ in p99["alone"])
+    lines = ["\n## /start under load, lean runner (issue 14)\n",
+             "| measured | figure | per round | target |", "|---|---|---|---|"]
+    start_ms = 1000 * start.cpu / start.rps if start.cpu else None
+    lines.append(f"| {START_PATH}: CPU per request | {fmt(start_ms, '.2f', ' ms')} ({start.rps:,.0f} req/s at "
+                 f"{fmt(start.cpu, '.2f')} CPU s/s) | {', '.join(f'{c:.2f}' for c in cpu_ms)} "
+                 f"| <= 1 ms {met(start_ms is not None and start_ms <= 1)} |")
+    flood_ratio = start.rps / plain.rps
+    lines.append(f"| /start flood / plain-redirect flood, req/s (wrk -c{args.connections}, no cookie) "
+                 f"| {flood_ratio:.2f} ({start.rps:,.0f} vs {plain.rps:,.0f} req/s) "
+                 f"| {', '.join(f'{r:.2f}' for r in ratios)} | >= 0.5 {met(flood_ratio >= 0.5)} |")
+    for key, label, target in (("lean_start", "a /start flood", 3.0),
+                               ("lean_redirect", "a plain-redirect flood", None)):
+        during = statistics.median(p for p, _ in p99[key])
+        per = ", ".join(f"{d / a:.2f}" for (d, _), (a, _) in zip(p99[key], p99["alone"]))
+        counts = f"{sum(c for _, c in p99[key]):,} and {sum(c for _, c in p99['alone']):,} requests"
+        mark = f"<= {target:.0f} {met(during / alone <= target)}" if target else "– (queueing alone, for comparison)"
+        lines.append(f"| signed-in p99 during {label} / without | {during / alone:.2f} "
+                     f"({during:.2f} vs {alone:.2f} ms, {counts}) | {per} | {mark} |")
+    lines.append(f"\nThe probe: one keep-alive connection sending `GET /bench` with a session cookie at {PROBE_RATE} "
+                 f"req/s (one in flight), in this process, {args.duration} s alone and {args.duration} s inside a "
+                 f"{args.duration + 1} s wrk flood; p99 by nearest rank, median of rounds. The flood rows' CPU is "
+                 f"the runner's (utime + stime) over the requests wrk counted, as in the table above.")
+    return lines
+
+
+def fresh_process_json(flag: str, value: str, what: str) -> dict:
+    """Run this script with a hidden probe flag in a fresh process (nothing of the bench's own heap or
+    threads in its numbers) and return the JSON of its last line."""
+    import json
+    done = subprocess.run([sys.executable, __file__, flag, value], capture_output=True, text=True, timeout=1800,
+                          cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"{what} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def signout_probe(spec: str) -> None:
+    """Run in a fresh process (`--signout-probe N:SECONDS`): bench_state.signout_probe on the real
+    MemoryStore filled with N typical sessions, a storm of SECONDS; prints its result as JSON."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "addons"))
+    from mitm_outpost.sessions import MemoryStore
+
+    n, seconds = (int(x) for x in spec.split(":"))
+    result = asyncio.run(bench_state.signout_probe(MemoryStore(), typical_sessions(n), n, rate=SIGNOUT_RATE,
+                                                   seconds=seconds, idle=seconds / 3))
+    print(json.dumps(result))
+
+
+def signout_lines(args: argparse.Namespace) -> list[str]:
+    """Sign-out at --signout-sessions sessions: one user's delete_user and the loop stall of a storm."""
+    storm = 2 if args.quick else 3  # --quick: within its time budget
+    r = fresh_process_json("--signout-probe", f"{args.signout_sessions}:{storm}", "sign-out probe")
+    few = bench_state.FEW
+    storm_label = f"{r['storm']} sign-outs at {SIGNOUT_RATE}/s for {r['storm_seconds']:g} s"
+    if r["storm"] < r["storm_planned"]:
+        storm_label += f" (of {r['storm_planned']}: the rest did not fit in the time)"
+    descheduled = (f" (the loop's CPU in any tick <= {r['storm_busy_ms']:.2f} ms: descheduled, not busy)"
+                   if r["storm_lag_ms"] > 5 >= r["storm_busy_ms"] else "")
+    lines = [f"\n## Sign-out at {r['n']:,} sessions (in-process MemoryStore, issue 14)\n"]
+    if r["n"] < 1_000_000:
+        lines.append(f"--quick: {r['n']:,} sessions, not the target's 1,000,000 (--signout-sessions N).\n")
+    lines += ["| measured | figure | target |", "|---|---|---|",
+              f"| delete_user of one user with {few} sessions, median of {len(r['delete_ms'])} users spread over the "
+              f"fill order | {r['delete_median_ms']:.3f} ms (max {max(r['delete_ms']):.3f} ms) "
+              f"| <= 1 ms {met(r['delete_median_ms'] <= 1)} |",
+              f"| longest event-loop stall, {storm_label} (1 ms ticker: latest wake-up) | {r['storm_lag_ms']:.2f} ms "
+              f"(most CPU in one tick {r['storm_busy_ms']:.2f} ms; longest delete_user {r['storm_longest_ms']:.3f} ms; "
+              f"the ticker alone for {r['idle_seconds']:.2g} s: {r['idle_lag_ms']:.2f} ms, "
+              f"CPU {r['idle_busy_ms']:.2f} ms) "
+              f"| <= 5 ms {met(r['storm_lag_ms'] <= 5)}{descheduled} |",
+              "",
+              f"The store: `MemoryStore()` in a fresh process, {r['n']:,} typical sessions (as for memory per session; "
+              f"every {few} consecutive ones made one user's) through `put()` in {r['fill_seconds']:.0f} s; it held "
+              f"{r['count']:,} before the sign-outs and {r['count_after']:,} after. Each timed user's session was "
+              f"checked present before `delete_user` and gone after (`get`). A late wake-up with little CPU in its "
+              f"tick is the process waiting for a core, not the loop busy (time a hypervisor steals counts as CPU)."]
+    return lines
+
+
+def reload_lines(args: argparse.Namespace, procs: Processes, tmp: Path, mitmdump: str, confdir: str,
+                 up_port: int, idp_port: int) -> list[str]:
+    """A lean runner with one provider gains a second whose issuer accepts TCP and never answers; SIGHUP;
+    /ping from one client back to back for RELOAD_WINDOW s (and before SIGHUP, for comparison), `--rounds`
+    times (each SIGHUP starts the reload anew: the one before is still waiting on that issuer)."""
+    lead = 0.5 if args.quick else 1.0  # /ping before SIGHUP
+    with bench_state.SilentIssuer(HOST) as silent:
+        proc, argv, port = start_outpost(procs, tmp, mitmdump, confdir, up_port, idp_port, {"bench": (1, "")},
+                                         runner="lean", name="lean_reload", extra=ACCESS_LOG_OFF)
+        ping = f"http://{HOST}:{port}{PING_PATH}"
+        wait_http(ping, procs, proc, expect=204)
+        config = tmp / "lean_reload.yaml"
+        config.write_text(config.read_text() + OUTPOST_PROVIDER.format(
+            name="silent", hostname=f"silent.{OUTPOST_DOMAIN}", host=HOST, port=port, upstream=up_port,
+            idp=silent.port, extra=""))
+        runs = []
+        for n in range(args.rounds):
+            print(f"round {n + 1}/{args.rounds}, reload: /ping {lead:g} s, SIGHUP, /ping {RELOAD_WINDOW} s", flush=True)
+            before, wrong = bench_state.timed_requests(ping, [], lead, None, 204)
+            os.kill(proc.pid, signal.SIGHUP)
+            during, wrong_during = bench_state.timed_requests(ping, [], RELOAD_WINDOW, None, 204)
+            if wrong or wrong_during:
+                sys.exit(f"/ping during the reload answered {(wrong + wrong_during)[0]}")
+            runs.append((before, during, len(silent.held)))
+        log = (procs.logdir / "lean_reload.log").read_text(errors="replace")
+    procs.stop(proc)  # once the issuer has closed its connections: the runner's exit waits for the reload's thread
+    p99 = [bench_state.percentile(d, 99) for _, d, _ in runs]
+    worst = max(max(d) for _, d, _ in runs)
+    before = [x for b, _, _ in runs for x in b]
+    during = [x for _, d, _ in runs for x in d]
+    median_p99 = statistics.median(p99)
+    return ["\n## /ping during a reload, lean runner (issue 14)\n",
+            "| /ping, one client back to back | requests | p50 | p99 | max | per round (p99) | target |",
+            "|---|---:|---:|---:|---:|---|---|",
+            f"| {lead:g} s before SIGHUP | {len(before):,} | {statistics.median(before):.2f} ms | "
+            f"{bench_state.percentile(before, 99):.2f} ms | {max(before):.2f} ms | | – |",
+            f"| {RELOAD_WINDOW} s after SIGHUP (a second provider, its issuer never answers) | {len(during):,} "
+            f"| {statistics.median(during):.2f} ms | {median_p99:.2f} ms | {worst:.2f} ms "
+            f"| {', '.join(f'{p:.2f}' for p in p99)} | p99 <= 50 ms {met(median_p99 <= 50)} |",
+            "",
+            f"The silent issuer took {runs[-1][2]} connection(s) during the windows (connections after each round: "
+            f"{', '.join(str(c) for _, _, c in runs)}) and answered none; SIGHUP logged "
+            f"{log.count('SIGHUP: reloading')} time(s). p99 after SIGHUP: median of rounds; max: over all rounds."]
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -946,9 +1163,10 @@ def profile(args: argparse.Namespace, procs: Processes, pid: int, seconds: int) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 s per measurement, 1 s warm-up, 1 round: eleven "
-                        "setups plus memory, Redis and replicas, whole run about 1 min (an explicit "
-                        "--duration/--warmup/--rounds wins; no soak unless --soak)")
+    parser.add_argument("--quick", action="store_true", help="2 s per measurement, 1 s warm-up, 1 round: thirteen "
+                        "setups, the signed-in probe next to a /start flood, memory, sign-out at 100,000 sessions, "
+                        "reload, Redis and replicas, whole run about 1.5-2 min (an explicit "
+                        "--duration/--warmup/--rounds/--sessions/--signout-sessions wins; no soak unless --soak)")
     parser.add_argument("--duration", type=int, help="seconds per measurement (default 10)")
     parser.add_argument("--warmup", type=int, help="seconds of discarded load before each measurement (default 3)")
     parser.add_argument("--rounds", type=int, help="rounds of the measurements; medians are "
@@ -963,18 +1181,23 @@ def main() -> None:
     parser.add_argument("--profile", metavar="FILE", help="record the outpost (see --profile-setup) under load "
                         "(first round) with py-spy "
                         "(.venv/bin/pip install py-spy) into FILE: .svg flame graph, .txt collapsed stacks, else speedscope JSON")
-    parser.add_argument("--profile-setup", choices=["outpost", "outpost_skip", "outpost_header", "fwd_outpost", "bare", "fwd_bare", "lean", "lean_skip", "lean_log", "fwd_lean"], default="outpost",
+    parser.add_argument("--profile-setup", choices=["outpost", "outpost_skip", "outpost_header", "fwd_outpost", "bare",
+                                                    "fwd_bare", "lean", "lean_skip", "lean_log", "fwd_lean",
+                                                    "lean_start", "lean_redirect"], default="outpost",
                         help="which process --profile records: the outpost in proxy mode (default), the outpost "
                         "behind nginx auth_request, the outpost with 100 skip rules or with header auth, or the bare mitmdump of "
                         "either mode, for comparison")
     parser.add_argument("--sessions", type=int, help="sessions for the memory measurements "
                         "(in-process MemoryStore and Redis; default 100000, --quick 10000)")
+    parser.add_argument("--signout-sessions", type=int, help="sessions in the MemoryStore of the sign-out "
+                        "measurement (default 1000000, the issue's figure; --quick 100000)")
     parser.add_argument("--soak", type=float, metavar="MINUTES", help="after the table, hold ~80 %% of the lean "
                         "runner's signed-in req/s for MINUTES (h2load --rps) and sample its RSS every 10 s")
-    parser.add_argument("--no-extras", action="store_true", help="only the throughput table (and --soak): no memory, "
-                        "Redis or replica measurements")
+    parser.add_argument("--no-extras", action="store_true", help="only the throughput table, the /start figures "
+                        "(and --soak): no memory, sign-out, reload, Redis or replica measurements")
     parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--memory-probe", metavar="MODE:N", help=argparse.SUPPRESS)
+    parser.add_argument("--signout-probe", metavar="N:SECONDS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
         asyncio.run(serve_upstream(args.serve_upstream))
@@ -982,6 +1205,9 @@ def main() -> None:
     if args.memory_probe:
         mode, n = args.memory_probe.split(":")
         memory_probe(mode, int(n))
+        return
+    if args.signout_probe:
+        signout_probe(args.signout_probe)
         return
     quick = (2, 1) if args.quick else (10, 3)
     args.duration = quick[0] if args.duration is None else args.duration
@@ -993,6 +1219,8 @@ def main() -> None:
     if args.duration % args.slices:
         parser.error(f"--duration {args.duration} is not a whole number of seconds per slice (--slices {args.slices})")
     args.sessions = (10_000 if args.quick else 100_000) if args.sessions is None else args.sessions
+    if args.signout_sessions is None:
+        args.signout_sessions = 100_000 if args.quick else 1_000_000
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the children
 
     load = Load(args.connections, args.threads, args.load_tool)
@@ -1182,6 +1410,8 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
         print(f"{label}: signed in as {USER}, upstream answers 'hello {USER}'", flush=True)
         setups[key] = Setup(label, lean_url, argv, proc.pid, (f"Cookie: {cookie}", host))
         lean_pids[key] = proc.pid
+    login_setups, probe = start_login_setups(procs, tmp, mitmdump, confdir, up_port, idp_port)
+    setups.update(login_setups)
     nginx = find_nginx()
     if nginx:
         setups.update(start_forward_auth(procs, tmp, nginx, mitmdump, confdir, up_port, idp_port))
@@ -1248,7 +1478,12 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
     info["lean runner"] = (f"`PYTHONPATH=addons python -m mitm_outpost` with the --set options of the mitmdump outpost; "
                            f"provider bench (1 skip rule); `outpost_access_log=off` except the 'access log json' row "
                            f"(default JSON lines to stderr, here a file); metrics_port=0 on every outpost")
+    if "lean_start" in setups:
+        info["login rows"] = (f"a lean runner of their own (provider bench, access log off), no cookie: {START_PATH}, "
+                              f"and /bench without a session (302 to {START_PATH})")
     report(rounds, info, short=args.duration < 5)
+    if "lean_start" in setups and "lean_redirect" in setups:
+        print("\n".join(login_flood(args, load, rounds, setups, probe)), flush=True)
     print(f"\n## Skip rules alone: RE2 search per request, best of 5 × 200,000 calls\n\n"
           f"A signed-in request in proxy mode never reaches the rules (the session is checked first), so the "
           f"req/s rows above compare equal work; this is what the rules cost where they are tested.\n")
@@ -1296,10 +1531,13 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
               f"{rm['seconds']:.1f} s.", flush=True)
     else:
         print("\nredis-server not installed: no Redis figures (apt-get install redis-server)", flush=True)
+    print("\n".join(signout_lines(args)), flush=True)
+    print("\n".join(reload_lines(args, procs, tmp, mitmdump, confdir, up_port, idp_port)), flush=True)
     if redis_info and nginx:
         print("\n## Two lean replicas sharing Redis behind nginx\n", flush=True)
         print("\n".join(replicas(args, load, procs, tmp, nginx, confdir, up_port, idp_port, redis_info[0])), flush=True)
-    print(f"\n(memory, Redis, replica{', soak' if args.soak else ''} measurements took {time.monotonic() - t0:.0f} s)")
+    print(f"\n(memory, sign-out, reload, Redis, replica{', soak' if args.soak else ''} measurements took "
+          f"{time.monotonic() - t0:.0f} s)")
 
 
 if __name__ == "__main__":
