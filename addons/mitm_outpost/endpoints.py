@@ -1,5 +1,12 @@
 """The Endpoints addon: the outpost's own paths (start, callback, sign_out, backchannel_logout).
 
+As authentik, a query marker (`X-authentik-auth-callback=true`, `X-authentik-logout=true`, see
+`names.MARKERS`) makes any path of a provider's host the callback or the sign-out, and so does one
+in the original URL of a forward-auth check: that is how the IdP's redirect back is recognised
+behind a proxy that sends no path to the outpost directly. A marked request is answered here, never
+passed on. A check is answered as the proxy relays it to the browser: never 2xx, which would let
+the request through to the app; nginx, which cannot relay a redirect from auth_request, gets a 403.
+
 A failed callback (forged, expired, replayed or foreign state; an IdP answer that does not
 verify) ends in a 400 page saying why, and a log line. Back-channel logout is the one
 endpoint that reads a body: at most BACKCHANNEL_BODY_LIMIT bytes (the edge answers 413
@@ -18,6 +25,7 @@ from mitmproxy import http
 from . import names, pages
 from .configuration import Registry
 from .decision import Exchange, Outcome, decide, exchange_of, note, printable, undecided, without_query
+from .forwarded import ProxyKind
 from .login import LoginFailed, begin_login, finish_login
 from .oidc import TokenError
 from .provider import Provider
@@ -30,6 +38,20 @@ ENDPOINT_PATHS = {prefix + name: name for prefix in names.ENDPOINT_PREFIXES for 
 BACKCHANNEL_BODY_LIMIT = 64 * 1024  # a logout_token is a few KiB
 # `none`: typed or bookmarked; `same-site`: a host of the same registrable domain (SameSite trusts it already).
 OWN_SITE_FETCHES = frozenset({"same-origin", "same-site", "none"})
+SITE_HEADERS = ("Sec-Fetch-Site", "Origin", "Referer")  # what says which site sent a request
+
+
+def marker(query: str) -> tuple[str, str] | None:
+    """The marker a query carries and the endpoint it names, or None.
+
+    As authentik (`strings.EqualFold(query.Get(key), "true")`): the key's first value, `true` in any
+    case; the callback's marker before the sign-out's."""
+    if "%" not in query and "X-authentik-" not in query:  # nearly every query: not even parsed
+        return None
+    first: dict[str, str] = {}
+    for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
+        first.setdefault(key, value)
+    return next(((key, endpoint) for key, endpoint in names.MARKERS if first.get(key, "").lower() == "true"), None)
 
 
 def _rd(query: str) -> str:
@@ -67,6 +89,14 @@ def _on_site(url: str, provider: Provider) -> bool:
     return provider.safe_redirect(origin(parsed)) is not None
 
 
+def site_unknown(request: http.Request) -> bool:
+    """A forward-auth sign-out that cannot say which site sent it: the proxy passed none of SITE_HEADERS
+    (Envoy's documented config passes none of them), so their absence proves nothing there, unlike a
+    request from curl. A POST is not asked again: Envoy keeps the method, and SameSite=Lax keeps the
+    session cookie off a POST that another site sends."""
+    return request.method != "POST" and not any(name in request.headers for name in SITE_HEADERS)
+
+
 class Endpoints:
     failure_status = 503  # a failure here is the store's or the IdP's (see Chain)
 
@@ -78,10 +108,22 @@ class Endpoints:
         exchange = undecided(flow)
         if exchange is None:
             return
-        endpoint = ENDPOINT_PATHS.get(exchange.path) if exchange.forward is None else None
+        check = exchange.forward
+        query = check[1].query if check else exchange.query
+        marked = marker(query)
+        endpoint = marked[1] if marked else (ENDPOINT_PATHS.get(exchange.path) if check is None else None)
         if endpoint is None:
             return
         note(flow, endpoint=endpoint)
+        if marked:
+            note(flow, marker=marked[0])
+            if check and check[0] is ProxyKind.NGINX:
+                flow.response = pages.page(403, "Forbidden", "nginx cannot pass this answer on; sign in and out "
+                                           "under /outpost.goauthentik.io/, sent to the outpost.")
+                decide(flow, Outcome.DENIED, f"{endpoint}_marker", f"nginx check: the original URL carries "
+                       f"{marked[0]}, and auth_request cannot relay a redirect (send /outpost.goauthentik.io/ to the "
+                       "outpost)")
+                return
         if endpoint == names.BACKCHANNEL_LOGOUT:
             length = flow.request.headers.get("Content-Length", "0")
             if not length.isdigit() or int(length) > BACKCHANNEL_BODY_LIMIT:
@@ -91,10 +133,20 @@ class Endpoints:
             exchange.deferred = True  # its logout_token is in the body: answered in request()
             exchange.body_limit = BACKCHANNEL_BODY_LIMIT
             return
-        handler = {names.START: self.start, names.CALLBACK: self.callback, names.SIGN_OUT: self.sign_out}[endpoint]
-        await handler(flow, exchange, exchange.provider)
+        provider = exchange.provider
+        assert provider is not None
+        if endpoint == names.START:
+            await self.start(flow, exchange, provider)
+        elif endpoint == names.CALLBACK:
+            await self.callback(flow, exchange, provider, query)
+        else:  # the confirmation's form posts the marker again: the path may be the app's, reached through a proxy
+            await self.sign_out(flow, exchange, provider, f"?{names.LOGOUT_QUERY}" if marked else exchange.path)
+        response = flow.response
+        assert response is not None
+        if check and response.status_code < 300:  # a page for the browser, not "let it through to the app"
+            response.status_code, response.reason = 403, "Forbidden"
         for cookie in exchange.set_cookies:
-            flow.response.headers.add("Set-Cookie", cookie)  # type: ignore[union-attr]
+            response.headers.add("Set-Cookie", cookie)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         exchange = exchange_of(flow)
@@ -134,9 +186,11 @@ class Endpoints:
         flow.response = await begin_login(self.registry, exchange, provider, redirect)
         decide(flow, Outcome.ENDPOINT, "start", f"start: sent to the identity provider, back to {without_query(redirect)}{refused}")
 
-    async def callback(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
-        params = dict(urllib.parse.parse_qsl(exchange.query, keep_blank_values=True))
-        retry = (provider.external_origin + names.START_PATH, "Sign in again")
+    async def callback(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider, query: str) -> None:
+        """`query`: the request's, or the original URL's for a check. A check's retry link is the host's root,
+        which the proxy checks again: /start may not reach the outpost there."""
+        params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+        retry = (provider.external_origin + names.START_PATH if exchange.forward is None else "/", "Sign in again")
         if "error" in params:
             # The error code goes to the record (and the log line, escaped); its free-text description,
             # which anyone can write into a URL, only to the page.
@@ -155,11 +209,14 @@ class Endpoints:
         decide(flow, Outcome.ENDPOINT, "signed_in",
                f"callback: signed in as {exchange.session.username}, back to {without_query(redirect)}", logging.INFO)
 
-    async def sign_out(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
-        if header := sent_cross_site(flow.request, provider):
-            flow.response = pages.confirm_sign_out(exchange.path)
-            decide(flow, Outcome.ENDPOINT, "sign_out_confirm",
-                   f"sign_out: {header} says another site sent it; asked to confirm, no session ended", logging.INFO)
+    async def sign_out(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider, action: str) -> None:
+        """`action`: where the confirmation's form posts, the URL that signs out."""
+        header = sent_cross_site(flow.request, provider)
+        if header or (exchange.forward is not None and site_unknown(flow.request)):
+            why = f"{header} says another site sent it" if header else "the proxy passed nothing saying which site"
+            flow.response = pages.confirm_sign_out(action)
+            decide(flow, Outcome.ENDPOINT, "sign_out_confirm", f"sign_out: {why}; asked to confirm, no session ended",
+                   logging.INFO)
             return
         await load_session(self.registry, exchange)
         session = exchange.session

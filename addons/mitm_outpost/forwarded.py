@@ -49,6 +49,11 @@ class OriginalRequest:
     normal: bool = False  # the path as the proxy forwards it (raw) is already normal: the rules may judge it
 
     @property
+    def query(self) -> str:
+        """The original query, without `?`: where authentik looks for the callback and sign-out markers."""
+        return self.url.partition("#")[0].partition("?")[2]
+
+    @property
     def origin_url(self) -> str:
         """scheme://host/path without the query: what domain-level skip rules test."""
         if not self.url or self.path is None:

@@ -62,8 +62,8 @@ _CONFIRM_HEADERS = {
 
 
 def confirm_sign_out(action: str) -> http.Response:
-    """The page a cross-site sign-out gets instead of the sign-out: a POST form to `action` (the
-    sign_out path the request used), which the browser then sends same-origin."""
+    """The page a cross-site sign-out gets instead of the sign-out: a POST form to `action` (a sign-out
+    URL that reaches the outpost on any path, through any proxy), which the browser sends same-origin."""
     form = (f'<form method="post" action="{html.escape(action)}"><p><button type="submit">Sign out</button> '
             '<a href="/">Stay signed in</a></p></form>')
     message = "Another site sent you here to sign out. Signing out ends your sessions on every device."
