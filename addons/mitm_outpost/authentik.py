@@ -27,8 +27,8 @@ import httpx2
 import websockets
 from mitmproxy import ctx
 
-from . import __version__, config, names, provider
-from .configuration import Registry
+from . import __version__, config_schema, names, provider
+from .registry import Registry
 from .oidc import IdentityProvider
 from .provider import Provider
 
@@ -45,7 +45,7 @@ STARTUP_RETRY = 3.0
 BACKOFF_MAX = 300.0
 HELLO, TRIGGER_UPDATE, SESSION_END = 1, 2, 4
 # Fields of authentik's ProxyOutpostConfig that we read; anything else it sends is ignored.
-PROVIDER_FIELDS = tuple(k for k in config.PROVIDER_FIELDS if k not in ("issuer", "certificate", *config.EXPLICIT_ENDPOINTS,
+PROVIDER_FIELDS = tuple(k for k in config_schema.PROVIDER_FIELDS if k not in ("issuer", "certificate", *config_schema.EXPLICIT_ENDPOINTS,
                                                                         "end_session_endpoint", "userinfo_endpoint",
                                                                         "introspection_endpoint", "verify_bearer_jwt_locally"))
 
@@ -184,7 +184,7 @@ class AuthentikSource:
             except InvalidToken as e:
                 print(f"mitm-outpost: {e}. Check AUTHENTIK_TOKEN.", file=sys.stderr)
                 os._exit(1)
-            except config.ConfigError as e:
+            except config_schema.ConfigError as e:
                 logger.error("authentik's providers cannot be served: %s; retrying in %.0f s", e, STARTUP_RETRY)
                 await asyncio.sleep(STARTUP_RETRY)
             except Exception as e:
@@ -219,7 +219,7 @@ class AuthentikSource:
         for entry in entries:
             try:
                 built.append(await self.build(api, entry, outpost, name))
-            except (config.ConfigError, ValueError, KeyError, TypeError) as e:
+            except (config_schema.ConfigError, ValueError, KeyError, TypeError) as e:
                 logger.error("authentik provider %r dropped: %s", entry.get("name"), e)
         self.outpost = outpost
         self.registry.outpost_uuid = str(outpost.get("pk") or "")
@@ -238,7 +238,7 @@ class AuthentikSource:
         values["issuer"] = oidc.get("issuer", "")
         if entry.get("certificate"):
             values["certificate"] = str(await self.certificate(api, str(entry["certificate"])))
-        settings = config.parse({"providers": [values]}).providers[0]
+        settings = config_schema.parse({"providers": [values]}).providers[0]
         idp = await asyncio.to_thread(IdentityProvider.from_settings, settings, not (self.settings and self.settings.insecure))
         return provider.build(settings, outpost_name, idp, release=self.registry.authentik_release)
 

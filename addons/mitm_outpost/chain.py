@@ -29,7 +29,8 @@ from mitmproxy.addonmanager import Loader
 from . import pages
 from .access_log import AccessLog
 from .authentik import AuthentikSource
-from .configuration import Configuration, Registry
+from .file_source import FileSource
+from .registry import Registry
 from .debugging import Commands
 from .decision import Outcome, decide
 from .edge import Edge
@@ -191,7 +192,7 @@ def build(registry: Registry | None = None, interactive: bool = True) -> Chain:
     debugging = [Commands(registry)] if interactive else []  # outpost.* commands, JWT and identity views
     return Chain([*debugging,
         Edge(),  # the strict HTTP/1 server and its limits, in place of mitmproxy's lenient one
-        Configuration(registry),  # mitm_config.yaml -> providers; the session store
+        FileSource(registry),  # mitm_config.yaml -> providers; the session store
         AuthentikSource(registry),  # or/and providers from the authentik API (AUTHENTIK_HOST, AUTHENTIK_TOKEN)
         Listeners(registry),  # ports 9000/9443, certificates
         Metrics(registry),  # port 9300: /metrics, /ping; request metrics

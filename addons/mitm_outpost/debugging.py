@@ -19,8 +19,8 @@ from mitmproxy import command, contentviews, ctx, http
 from mitmproxy.addonmanager import Loader
 
 from . import names
-from .configuration import Registry
-from .config import PROVIDER_FIELDS
+from .registry import Registry
+from .config_schema import PROVIDER_FIELDS
 from .decision import METADATA_KEY
 from .identity import build_session
 from .oidc import HMAC_ALGORITHMS
@@ -153,7 +153,7 @@ class Commands:
         """The providers this outpost serves, one per line."""
         return "\n".join(
             f"{p.name}: {p.mode.value} at {p.external_origin}"
-            + (f" -> {p.upstream.scheme}://{p.upstream.host_header}" if p.upstream else "")
+            + (f" -> {p.backend.scheme}://{p.backend.host_header}" if p.backend else "")
             for p in self.registry.providers
         ) or "no providers"
 

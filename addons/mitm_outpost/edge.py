@@ -43,7 +43,7 @@ from .edge_rules import (
     HEADER_TIMEOUT, PIPELINE_TOO_LARGE, Limits, Refusal, StrictChunkedReader, framing_violation, head_violation,
     incomplete_head_violation,
 )
-from .telemetry import EDGE_REFUSALS
+from .prometheus_metrics import EDGE_REFUSALS
 
 logger = logging.getLogger("mitm_outpost")
 

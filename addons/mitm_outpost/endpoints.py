@@ -23,7 +23,7 @@ from cachetools import TTLCache
 from mitmproxy import http
 
 from . import names, pages
-from .configuration import Registry
+from .registry import Registry
 from .decision import Exchange, Outcome, decide, exchange_of, note, printable, undecided, without_query
 from .forwarded import ProxyKind
 from .login import LoginFailed, begin_login, finish_login

@@ -14,7 +14,7 @@ import urllib.parse
 from mitmproxy import http
 
 from . import names, pages
-from .configuration import Registry
+from .registry import Registry
 from .decision import Exchange, Outcome, decide, undecided
 from .forwarded import ProxyKind
 from .login import begin_login

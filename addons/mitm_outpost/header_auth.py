@@ -34,7 +34,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from . import pages
-from .configuration import Registry
+from .registry import Registry
 from .decision import Outcome, decide, note, undecided
 from .identity import build_session
 from .oidc import IdPUnavailable, TokenError

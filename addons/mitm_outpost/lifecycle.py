@@ -18,7 +18,7 @@ import signal
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from .configuration import Registry
+from .registry import Registry
 
 logger = logging.getLogger("mitm_outpost")
 

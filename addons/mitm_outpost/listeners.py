@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
 
-from .configuration import Registry
+from .registry import Registry
 
 logger = logging.getLogger("mitm_outpost")
 

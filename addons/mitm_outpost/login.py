@@ -15,7 +15,7 @@ import jwt
 from mitmproxy import http
 
 from . import names, pages
-from .configuration import Registry
+from .registry import Registry
 from .decision import Exchange
 from .identity import build_session
 from .oidc import TokenError

@@ -14,10 +14,10 @@ from mitmproxy.addonmanager import Loader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, names
-from .configuration import Registry
+from .registry import Registry
 from .decision import METADATA_KEY
 from .listeners import listen_env
-from .telemetry import CALLBACK_FAILURES, DECISIONS, INFO, LAST_UPDATE, LOGINS, PROMETHEUS, REQUESTS, SESSIONS, UPSTREAM
+from .prometheus_metrics import CALLBACK_FAILURES, DECISIONS, INFO, LAST_UPDATE, LOGINS, PROMETHEUS, REQUESTS, SESSIONS, UPSTREAM
 
 # Label values come from configuration or from short fixed lists, never from client input.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
@@ -81,7 +81,7 @@ class Metrics:
             elif record.get("endpoint") == names.CALLBACK and outcome == "denied":
                 CALLBACK_FAILURES.labels(provider.name, code).inc()
             if outcome in ("allowed", "skipped") and flow.response and flow.response.timestamp_start and flow.request.timestamp_end:
-                upstream = provider.upstream
+                upstream = provider.backend
                 self.child(UPSTREAM, name, method, upstream.scheme if upstream else "", host,
                            upstream.host_header if upstream else "").observe(flow.response.timestamp_start - flow.request.timestamp_end)
 

@@ -29,7 +29,7 @@ from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_r
 from authlib.oauth2.rfc7009 import prepare_revoke_token_request
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 
-from .telemetry import IDP_LATENCY
+from .prometheus_metrics import IDP_LATENCY
 
 logger = logging.getLogger("mitm_outpost.idp")
 

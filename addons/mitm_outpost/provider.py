@@ -12,7 +12,7 @@ from typing import Any
 import re2
 
 from . import names
-from .config import ConfigError
+from .config_schema import ConfigError
 from .identity import as_fields
 from .names import Mode
 from .oidc import DiscoveryError, IdentityProvider
@@ -23,7 +23,7 @@ _RE2_OPTIONS.log_errors = False
 
 
 @dataclass(frozen=True, slots=True)
-class Upstream:
+class Backend:
     scheme: str
     host: str
     port: int
@@ -41,7 +41,7 @@ class Provider:
     port: int
     cookie_domain: str  # lower-case, no leading dot; "" unless set
     host_keys: tuple[str, ...]
-    upstream: Upstream | None
+    backend: Backend | None  # where requests go (internal_host); None in forward-auth modes
     client_id: str
     cookie_name: str
     login_cookie_name: str
@@ -92,7 +92,7 @@ def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | N
     except ValueError as e:
         raise ConfigError(f"{label}: field 'external_host': {e}") from None
     external_origin = origin(external)
-    upstream = None
+    backend = None
     if settings["internal_host"]:
         try:
             internal = parse_origin_url(settings["internal_host"].rstrip("/"))
@@ -100,8 +100,8 @@ def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | N
             raise ConfigError(f"{label}: field 'internal_host': {e}") from None
         scheme = internal.protocol.rstrip(":")
         port = int(internal.port or (443 if scheme == "https" else 80))
-        upstream = Upstream(scheme, internal.hostname, port, internal.host, settings["internal_host_ssl_validation"],
-                            settings["upstream_host"] == "client")
+        backend = Backend(scheme, internal.hostname, port, internal.host, settings["internal_host_ssl_validation"],
+                          settings["upstream_host"] == "client")
     client_id = settings["client_id"]
     secure = external.protocol == "https:"
     attributes = ["Path=/"]
@@ -129,7 +129,7 @@ def build(settings: dict[str, Any], outpost_name: str, idp: IdentityProvider | N
         port=int(external.port or (443 if secure else 80)),
         cookie_domain=settings["cookie_domain"].lower().lstrip("."),
         host_keys=host_keys(external),
-        upstream=upstream,
+        backend=backend,
         client_id=client_id,
         cookie_name=names.cookie_name(client_id),
         login_cookie_name=names.login_cookie_name(client_id),

@@ -11,7 +11,7 @@ import logging
 from mitmproxy import http
 
 from . import names, pages
-from .configuration import Registry
+from .registry import Registry
 from .decision import Outcome, begin, decide, note, printable
 from .edge_rules import fields_violation
 from .forwarded import auth_kind, normalise_path, original_request, parse_original_url

@@ -4,7 +4,7 @@ import logging
 
 from mitmproxy import http
 
-from .configuration import Registry
+from .registry import Registry
 from . import pages
 from .decision import Exchange, Outcome, decide, note, undecided
 

@@ -16,7 +16,7 @@ from mitmproxy.addonmanager import Loader
 from OpenSSL import SSL
 
 from . import names, pages
-from .configuration import Registry
+from .registry import Registry
 from .decision import Exchange, Outcome, decide, exchange_of
 from .edge import UNVERIFIED
 from .sanitize import forwardable, is_websocket_handshake
@@ -57,19 +57,19 @@ class Upstream:
             return  # answered in `request`, where this gate runs again
         if self.refused(flow, exchange):
             return
-        assert exchange is not None and exchange.provider is not None and exchange.provider.upstream is not None
+        assert exchange is not None and exchange.provider is not None and exchange.provider.backend is not None
         session = exchange.session
-        upstream = exchange.provider.upstream
+        backend = exchange.provider.backend
         request = flow.request
-        scheme, host, port = upstream.scheme, upstream.host, upstream.port
-        host_header = (request.host_header or upstream.host_header) if upstream.keep_client_host else upstream.host_header
+        scheme, host, port = backend.scheme, backend.host, backend.port
+        host_header = (request.host_header or backend.host_header) if backend.keep_client_host else backend.host_header
         if session is not None and session.backend:  # ak_proxy: backend_override and/or host_header
             if session.backend[0]:
                 scheme, host, port = session.backend[:3]
-                if not upstream.keep_client_host:
+                if not backend.keep_client_host:
                     host_header = authority(scheme, host, port)
             host_header = session.backend[3] or host_header
-        exchange.verify_tls = upstream.verify_tls  # this flow's provider decides, for an ak_proxy backend too
+        exchange.verify_tls = backend.verify_tls  # this flow's provider decides, for an ak_proxy backend too
         exchange.forwarded = (
             (b"Host", host_header.encode("utf-8", "surrogateescape")),
             (b"X-Forwarded-Host", (request.host_header or "").encode("utf-8", "surrogateescape")),
@@ -105,7 +105,7 @@ class Upstream:
     @staticmethod
     def refused(flow: http.HTTPFlow, exchange: Exchange | None) -> bool:
         """Nothing leaves without an ALLOW or SKIP verdict, even if an earlier step failed."""
-        if (exchange is not None and exchange.provider is not None and exchange.provider.upstream is not None
+        if (exchange is not None and exchange.provider is not None and exchange.provider.backend is not None
                 and exchange.verdict is not None and exchange.verdict.action in GOES_UPSTREAM):
             return False
         flow.response = pages.page(403, "Forbidden", "The outpost reached no decision about this request.")

@@ -110,7 +110,7 @@ def test_mitmweb_runs_the_same_outpost(idp: str, upstream: str, tmp_path: Path) 
 
 def test_demo_config_is_valid() -> None:
     sys.path.insert(0, str(ROOT / "addons"))
-    from mitm_outpost import config
+    from mitm_outpost import config_schema as config
 
     demo = config.load(ROOT / "mitm_config.yaml")
     assert [p["name"] for p in demo.providers] == ["demo"]

@@ -4,8 +4,8 @@ from typing import Any
 
 import pytest
 
-from mitm_outpost import config, provider
-from mitm_outpost.configuration import Registry
+from mitm_outpost import config_schema as config, provider
+from mitm_outpost.registry import Registry
 from mitm_outpost.oidc import IdentityProvider
 
 

@@ -10,7 +10,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from mitm_outpost import decision, names
 from mitm_outpost.chain import Chain
-from mitm_outpost.configuration import Registry
+from mitm_outpost.registry import Registry
 from mitm_outpost.endpoints import Endpoints
 from mitm_outpost.gate import Gate
 from mitm_outpost.header_auth import HeaderAuth
@@ -170,7 +170,7 @@ def test_identity_header_names_have_one_source() -> None:
 
 @pytest.fixture
 def forward_registry() -> Registry:
-    from mitm_outpost.configuration import parse_networks
+    from mitm_outpost.registry import parse_networks
     from tests.unit.conftest import make_provider
 
     reg = Registry()

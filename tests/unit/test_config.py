@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from mitm_outpost import config
-from mitm_outpost.config import ConfigError
+from mitm_outpost import config_schema as config
+from mitm_outpost.config_schema import ConfigError
 from tests.unit.conftest import make_provider
 
 BASE = {"name": "app", "external_host": "http://a.test", "internal_host": "http://b.test", "client_id": "c", "issuer": "http://i.test"}
@@ -64,7 +64,7 @@ def test_provider_precomputes_the_hot_path() -> None:
     assert p.cookie_attributes == "Path=/; Domain=example.test; HttpOnly; SameSite=Lax; Secure"
     assert p.redirect_uri == "https://app.example.test/outpost.goauthentik.io/callback?X-authentik-auth-callback=true"
     assert p.host_keys == ("app.example.test", "app.example.test:443")
-    assert p.upstream is not None and (p.upstream.scheme, p.upstream.host, p.upstream.port) == ("http", "10.0.0.5", 8080)
+    assert p.backend is not None and (p.backend.scheme, p.backend.host, p.backend.port) == ("http", "10.0.0.5", 8080)
 
 
 def test_cookie_name_vectors_from_the_spec() -> None:

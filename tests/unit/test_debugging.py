@@ -9,7 +9,7 @@ import pytest
 from mitmproxy import contentviews
 from mitmproxy.test import taddons, tflow, tutils
 
-from mitm_outpost.configuration import Registry
+from mitm_outpost.registry import Registry
 from mitm_outpost.debugging import Commands, IdentityView, JwtView
 
 

@@ -9,7 +9,7 @@ from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook
 from mitmproxy.test import taddons, tflow, tutils
 
 from mitm_outpost import chain
-from mitm_outpost.configuration import Registry
+from mitm_outpost.registry import Registry
 from mitm_outpost.decision import exchange_of
 from mitm_outpost.identity import user_headers
 from mitm_outpost.sessions import Session, StoreUnavailable

@@ -15,7 +15,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from mitm_outpost import header_auth
 from mitm_outpost.chain import Chain
-from mitm_outpost.configuration import Registry
+from mitm_outpost.registry import Registry
 from mitm_outpost.gate import Gate
 from mitm_outpost.header_auth import OPTIONS, HeaderAuth, TokenBucket, client_key
 from mitm_outpost.oidc import IdentityProvider, IdPUnavailable

@@ -10,7 +10,7 @@ import pytest
 from mitmproxy import http
 
 from mitm_outpost import names
-from mitm_outpost.configuration import Registry
+from mitm_outpost.registry import Registry
 from mitm_outpost.endpoints import marker
 from mitm_outpost.identity import user_headers
 from mitm_outpost.oidc import IdentityProvider

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mitm_outpost.config import ConfigError
-from mitm_outpost.configuration import ProviderSet, Registry
+from mitm_outpost.config_schema import ConfigError
+from mitm_outpost.registry import ProviderSet, Registry
 from mitm_outpost.redis_store import RedisStore
 from mitm_outpost.sessions import MemoryStore
 from tests.support.redis_server import RedisServer

@@ -4,7 +4,7 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from mitm_outpost.configuration import Registry
+from mitm_outpost.registry import Registry
 from mitm_outpost.endpoints import sent_cross_site
 from tests.unit.conftest import make_provider
 from tests.unit.test_chain import flow, logged_in, run
