@@ -3,6 +3,7 @@ start-up, pagination, live refresh, SESSION_END, failures, certificates, the env
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from tests.support.authentik_api import (
     make_provider,
     self_signed_certificate,
 )
+from tests.support.authentik_token import AuthentikTokenEndpoint
 from tests.support.processes import BIN, ROOT, Process, browser, free_port
 
 
@@ -266,3 +268,20 @@ def test_authentik_does_not_flag_the_outpost_as_outdated(api: AuthentikAPIDouble
         assert hello["version"] == (release or api.server_version) and "mitm-outpost 0." in hello["golangVersion"]
         headers = seen(outpost, "app.example.test", login(outpost, "app.example.test"))
         assert headers["x-authentik-meta-version"] == f"goauthentik.io/outpost/{release or api.server_version}"
+
+
+def test_a_provider_with_no_signing_key_sends_its_jwks_url(api: AuthentikAPIDouble, upstream: str) -> None:
+    """authentik's proxy provider without a signing key: HS256 ID tokens (signed with the client secret),
+    and X-authentik-meta-jwks is still its application's JWKS URL."""
+    with AuthentikTokenEndpoint("hs-client", "hs-secret", {"svc": "app-password"}) as authentik:
+        base = f"http://127.0.0.1:{authentik.port}"
+        api.set_providers([make_provider("app", "http://hs.example.test", upstream, client_id="hs-client",
+                                         client_secret="hs-secret", oidc_configuration=base)])
+        with ApiOutpost(api) as outpost:
+            eventually(outpost.ready)
+            basic = base64.b64encode(b"svc:app-password").decode()
+            response = outpost.get("hs.example.test", "/headers", headers={"Authorization": f"Basic {basic}"})
+            assert response.status_code == 200, response.text
+            headers = {k.lower(): v for k, v in response.json()["headers"]}
+            assert headers["x-authentik-username"] == "svc"
+            assert headers["x-authentik-meta-jwks"] == f"{base}/application/o/app/jwks/"
