@@ -34,6 +34,7 @@ from .registry import Registry
 from .debugging import Commands
 from .decision import Outcome, decide
 from .edge import Edge
+from .embedded import Embedded
 from .endpoints import Endpoints
 from .gate import Gate
 from .header_auth import HeaderAuth
@@ -194,6 +195,7 @@ def build(registry: Registry | None = None, interactive: bool = True) -> Chain:
         Edge(),  # the strict HTTP/1 server and its limits, in place of mitmproxy's lenient one
         FileSource(registry),  # mitm_config.yaml -> providers; the session store
         AuthentikSource(registry),  # or/and providers from the authentik API (AUTHENTIK_HOST, AUTHENTIK_TOKEN)
+        Embedded(registry),  # optional: the authentik server behind everything that is not the outpost's
         Listeners(registry),  # ports 9000/9443, certificates
         Metrics(registry),  # port 9300: /metrics, /ping; request metrics
         Lifecycle(registry),  # SIGHUP reloads the configuration, SIGTERM drains

@@ -11,6 +11,7 @@ import logging
 import weakref
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
@@ -18,6 +19,9 @@ from .forwarded import OriginalRequest, ProxyKind
 from .provider import Provider
 from .sessions import Session
 from .verdict import Verdict
+
+if TYPE_CHECKING:
+    from .embedded import EmbeddedBackend
 
 logger = logging.getLogger("mitm_outpost")
 # mitmproxy sets the root logger to DEBUG and every record becomes an event for every addon,
@@ -33,6 +37,7 @@ class Outcome(StrEnum):
     REDIRECTED = "redirected"  # sent to log in
     DENIED = "denied"  # answered with an error status
     ENDPOINT = "endpoint"  # answered by one of the outpost's own endpoints
+    BACKEND = "backend"  # embedded mode: passed to the authentik server, without identity
 
 
 MARKS = {
@@ -41,6 +46,7 @@ MARKS = {
     Outcome.REDIRECTED: ":arrow_right_hook:",
     Outcome.DENIED: ":no_entry:",
     Outcome.ENDPOINT: ":gear:",
+    Outcome.BACKEND: ":arrow_right:",
 }
 
 
@@ -63,6 +69,9 @@ class Exchange:
     forward: tuple[ProxyKind, OriginalRequest] | None = None  # a forward-auth check, and what it asks about
     by_header: bool = False  # the session came from an Authorization header, not the cookie
     verdict: Verdict | None = None  # the Gate's decision; only ALLOW and SKIP go upstream
+    embedded: "EmbeddedBackend | None" = None  # embedded mode: this request goes to the authentik server
+    trusted_peer: bool = False  # embedded mode: the peer is a trusted proxy (its client-certificate headers stay)
+    client_certificate: str = ""  # embedded mode: the client's TLS certificate, as X-Forwarded-Client-Cert
     forwarded: tuple[tuple[bytes, bytes], ...] = ()  # Host and X-Forwarded-* as Upstream sets them
     verify_tls: bool = True  # the upstream's certificate is checked (the provider's internal_host_ssl_validation)
     sent_fields: tuple[tuple[bytes, bytes], ...] | None = None  # the header tuple Upstream made
@@ -85,6 +94,14 @@ def undecided(flow: http.HTTPFlow) -> Exchange | None:
     """The exchange of a request that has a provider and no answer yet: what each addon works on."""
     exchange = _exchanges.get(flow)
     if flow.response is not None or exchange is None or exchange.provider is None or exchange.deferred:
+        return None
+    return exchange
+
+
+def embedded_undecided(flow: http.HTTPFlow) -> Exchange | None:
+    """The exchange of a request bound for the authentik server (embedded mode), not yet answered."""
+    exchange = _exchanges.get(flow)
+    if flow.response is not None or exchange is None or exchange.embedded is None:
         return None
     return exchange
 

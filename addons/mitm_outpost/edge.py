@@ -164,6 +164,7 @@ class StrictHttpStream(http_layers.HttpStream):
         super().__init__(context, stream_id)
         self.limits = limits
         self.upstream_timer: commands.RequestWakeup | None = None
+        self.streamed = 0  # request body bytes streamed upstream so far
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.Wakeup):
@@ -194,6 +195,14 @@ class StrictHttpStream(http_layers.HttpStream):
             yield from self.start_upstream_timer()
 
     def state_stream_request_body(self, event: events.Event) -> layer.CommandGenerator[None]:
+        exchange = exchange_of(self.flow)
+        if isinstance(event, RequestData) and exchange is not None and exchange.body_limit:
+            self.streamed += len(event.data)
+            if self.streamed > exchange.body_limit:  # a chunked body past the limit, already partly upstream
+                note(self.flow, request_body=f"over {exchange.body_limit} bytes, cut off")
+                yield commands.CloseConnection(self.context.server)
+                yield from self.answer_now(pages.page(413, "Payload too large", f"At most {exchange.body_limit} bytes."))
+                return
         yield from super().state_stream_request_body(event)
         if isinstance(event, RequestEndOfMessage):
             yield from self.start_upstream_timer()
@@ -223,7 +232,11 @@ class StrictHttpStream(http_layers.HttpStream):
                 and self.client_state != self.state_errored:
             note(self.flow, upstream_error=event.message[:200])
             logger.warning("upstream %s failed: %s", human.format_address(self.flow.server_conn.address), event.message[:200])
-            yield from self.answer_now(upstream_failure(504 if event.message == CONNECT_TIMEOUT else 502))
+            exchange = exchange_of(self.flow)
+            if exchange is not None and exchange.embedded is not None:
+                yield from self.answer_now(pages.server_starting("application/json" in self.flow.request.headers.get("Accept", "")))
+            else:
+                yield from self.answer_now(upstream_failure(504 if event.message == CONNECT_TIMEOUT else 502))
             return
         yield from super().handle_protocol_error(event)
 

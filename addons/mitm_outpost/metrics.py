@@ -17,7 +17,9 @@ from . import __version__, names
 from .registry import Registry
 from .decision import METADATA_KEY
 from .listeners import listen_env
-from .prometheus_metrics import CALLBACK_FAILURES, DECISIONS, INFO, LAST_UPDATE, LOGINS, PROMETHEUS, REQUESTS, SESSIONS, UPSTREAM
+from .prometheus_metrics import (
+    CALLBACK_FAILURES, DECISIONS, INFO, LAST_UPDATE, LOGINS, PROMETHEUS, REQUESTS, ROUTES, SESSIONS, UPSTREAM,
+)
 
 # Label values come from configuration or from short fixed lists, never from client input.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
@@ -74,6 +76,8 @@ class Metrics:
         code = record.get("code", "")
         kind = "ping" if code in names.HEALTH else "app"
         self.child(REQUESTS, name, method, host, kind).observe(end - flow.request.timestamp_start)
+        if route := record.get("route"):
+            self.child(ROUTES, route).inc()
         if provider is not None:
             self.child(DECISIONS, provider.name, outcome).inc()
             if code == "signed_in":

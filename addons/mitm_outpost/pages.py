@@ -69,3 +69,14 @@ def confirm_sign_out(action: str) -> http.Response:
     message = "Another site sent you here to sign out. Signing out ends your sessions on every device."
     body = _PAGE.format(title="Sign out?", message=html.escape(message), link=form)
     return http.Response.make(200, body, {"Content-Type": "text/html; charset=utf-8", **NO_STORE, **_CONFIRM_HEADERS})
+
+
+def server_starting(wants_json: bool) -> http.Response:
+    """What authentik's own server answers while its core is down or starting (embedded mode)."""
+    if wants_json:
+        response = http.Response.make(503, json.dumps({"error": "authentik starting"}),
+                                      {"Content-Type": "application/json", **NO_STORE})
+    else:
+        response = page(503, "authentik is starting", "The authentik server is not reachable right now. Try again in a moment.")
+    response.headers["Retry-After"] = "5"
+    return response

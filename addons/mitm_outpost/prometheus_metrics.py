@@ -21,5 +21,7 @@ LOGINS = Counter("mitm_outpost_logins_total", "Completed browser logins", ("prov
 CALLBACK_FAILURES = Counter("mitm_outpost_callback_failures_total", "Failed login callbacks", ("provider", "reason"), registry=PROMETHEUS)
 EDGE_REFUSALS = Counter("mitm_outpost_edge_refusals_total", "Requests refused at the HTTP edge, before any decision",
                         ("code",), registry=PROMETHEUS)
+ROUTES = Counter("mitm_outpost_routes_total", "Requests by the way they went in embedded mode (outpost or backend)",
+                 ("route",), registry=PROMETHEUS)
 SESSIONS = Gauge("mitm_outpost_sessions", "Sessions this replica holds (in memory or its local cache)", registry=PROMETHEUS)
 IDP_LATENCY = Histogram("mitm_outpost_idp_request_duration_seconds", "Calls to the identity provider", ("call",), registry=PROMETHEUS)

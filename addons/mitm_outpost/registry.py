@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from mitmproxy import exceptions
 
@@ -13,6 +14,9 @@ from . import config_schema
 from .names import AUTHENTIK_RELEASE, Mode
 from .provider import Provider
 from .sessions import MemoryStore, SessionStore
+
+if TYPE_CHECKING:
+    from .embedded import EmbeddedBackend
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -81,6 +85,7 @@ class Registry:
     legacy_headers: bool = True
     trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     ready: bool = True  # false while providers are still awaited from authentik (readiness)
+    embedded: "EmbeddedBackend | None" = None  # the authentik server, when the outpost stands in for the embedded one
     authentik_release: str = AUTHENTIK_RELEASE  # what the outpost reports to authentik (outpost_authentik_version)
     outpost_uuid: str = ""  # the authentik outpost instance's pk, when providers come from authentik
     on_change: list[Callable[[], None]] = field(default_factory=list)  # run after every swap

@@ -7,19 +7,40 @@ outpost's own endpoints, reached through a trusted proxy that rewrites `Host` (n
 """
 
 import logging
+import urllib.parse
 
 from mitmproxy import http
 
 from . import names, pages
 from .registry import Registry
-from .decision import Outcome, begin, decide, note, printable
+from .decision import Exchange, Outcome, begin, decide, note, printable
+from .embedded import EmbeddedBackend, is_backend_path
 from .edge_rules import fields_violation
 from .forwarded import auth_kind, normalise_path, original_request, parse_original_url
+from .verdict import Action, Reason, Verdict
 
 logger = logging.getLogger("mitm_outpost")
 
 HEALTH_PATHS = {prefix + name: name for prefix in names.ENDPOINT_PREFIXES for name in names.HEALTH}
 OWN_PATHS = frozenset(prefix + name for prefix in names.ENDPOINT_PREFIXES for name in names.ENDPOINTS)
+OWN_PREFIXES = tuple(prefix.rstrip("/") for prefix in names.ENDPOINT_PREFIXES)  # the outpost's on any host (seed 003)
+TO_BACKEND = Verdict(Action.SKIP, Reason.EMBEDDED_BACKEND, 0)  # upstream without identity, to the authentik server
+
+
+def to_backend(flow: http.HTTPFlow, exchange: Exchange, embedded: EmbeddedBackend, trusted: bool) -> None:
+    """Embedded mode: the request is authentik's (its UI, API, files); it goes there through the edge rules."""
+    note(flow, route="backend")
+    length = flow.request.headers.get("Content-Length", "0")
+    if not length.isdigit() or int(length) > embedded.body_limit:
+        flow.response = pages.json_error(413, "request body too large", detail=f"at most {embedded.body_limit} bytes")
+        decide(flow, Outcome.DENIED, "body_too_large", "to the authentik server: body too large", logging.WARNING)
+        return
+    exchange.embedded, exchange.body_limit, exchange.verdict = embedded, embedded.body_limit, TO_BACKEND
+    exchange.trusted_peer = trusted
+    if certificates := flow.client_conn.certificate_list:
+        pem = certificates[0].to_pem().decode()
+        exchange.client_certificate = f'Hash={certificates[0].fingerprint().hex()};Cert="{urllib.parse.quote(pem, safe="")}"'
+    decide(flow, Outcome.BACKEND, Reason.EMBEDDED_BACKEND, "not the outpost's: to the authentik server")
 
 
 class Routing:
@@ -59,6 +80,13 @@ class Routing:
             if provider is None and path in OWN_PATHS and self.registry.is_trusted(peer):
                 host = flow.request.headers.get("X-Forwarded-Host") or parse_original_url(flow.request.headers.get("X-Original-URL", "")).host or host
                 provider = self.registry.provider_for(host, host.rsplit(":", 1)[0])
+            embedded = self.registry.embedded
+            if embedded is not None and (is_backend_path(path) or not path.startswith(OWN_PREFIXES) and (
+                    provider is None or provider.mode is not names.Mode.PROXY)):
+                to_backend(flow, exchange, embedded, self.registry.is_trusted(peer))
+                return
+        if self.registry.embedded is not None:
+            note(flow, route="outpost")
         if provider is None:
             flow.response = pages.json_error(
                 400, "no app for hostname", host=host,

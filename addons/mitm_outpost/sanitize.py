@@ -14,7 +14,7 @@ decision, and Upstream applies `forwardable()` again as the last gate.
 from mitmproxy import http
 
 from . import names
-from .decision import Exchange, note, undecided
+from .decision import Exchange, embedded_undecided, note, undecided
 
 _PROTECTED = frozenset(k.encode() for k in names.PROTECTED_HEADER_KEYS)
 _PREFIX = names.PROTECTED_HEADER_PREFIX.encode()
@@ -49,7 +49,7 @@ def forwardable(request: http.Request) -> tuple[tuple[bytes, bytes], ...]:
 
 class Sanitize:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = undecided(flow)
+        exchange = undecided(flow) or embedded_undecided(flow)
         if exchange is None:
             return
         fields = flow.request.headers.fields
@@ -70,12 +70,13 @@ class Sanitize:
     @staticmethod
     def _take_cookies(value: bytes, exchange: Exchange) -> bytes:
         provider = exchange.provider
-        assert provider is not None
         kept = []
         for part in value.split(b";"):
             name, _, cookie_value = part.strip().partition(b"=")
             if not name.startswith(_COOKIE_PREFIX):
                 kept.append(part.strip())
+            elif provider is None:
+                continue  # embedded mode, a request for the authentik server: the outpost's cookies stay home
             elif name == provider.cookie_name.encode():
                 exchange.session_cookie = cookie_value.decode("latin-1")
             elif name == provider.login_cookie_name.encode():

@@ -19,6 +19,7 @@ from . import names, pages
 from .registry import Registry
 from .decision import Exchange, Outcome, decide, exchange_of
 from .edge import UNVERIFIED
+from .provider import Backend
 from .sanitize import forwardable, is_websocket_handshake
 from .verdict import Action, Reason
 
@@ -26,8 +27,28 @@ logger = logging.getLogger("mitm_outpost")
 
 _COOKIE_PREFIX = names.COOKIE_PREFIX.lower()
 HOST_ONLY = frozenset({b"host"})
+MTLS_HEADERS = frozenset({b"ssl-client-cert", b"x-forwarded-tls-client-cert", b"x-forwarded-client-cert"})
+Fields = tuple[tuple[bytes, bytes], ...]
 POWERED_BY = "goauthentik.io"
 GOES_UPSTREAM = frozenset({Action.ALLOW, Action.SKIP})
+
+
+def target(exchange: Exchange) -> Backend | None:
+    """Where this request may go: its provider's internal host, or in embedded mode the authentik server."""
+    if exchange.embedded is not None:
+        return exchange.embedded.backend
+    return exchange.provider.backend if exchange.provider is not None else None
+
+
+def client_certificate_fields(fields: Fields, exchange: Exchange) -> Fields:
+    """For the authentik server (its mTLS stage): a client's certificate headers only from a trusted proxy;
+    the certificate the client itself presented on 9443 as `X-Forwarded-Client-Cert` (Envoy's format)."""
+    if not exchange.trusted_peer:
+        fields = tuple(f for f in fields if f[0].lower() not in MTLS_HEADERS)
+    if exchange.client_certificate:
+        fields = tuple(f for f in fields if f[0].lower() != b"x-forwarded-client-cert")
+        fields += ((b"X-Forwarded-Client-Cert", exchange.client_certificate.encode()),)
+    return fields
 
 
 def authority(scheme: str, host: str, port: int) -> str:
@@ -57,9 +78,10 @@ class Upstream:
             return  # answered in `request`, where this gate runs again
         if self.refused(flow, exchange):
             return
-        assert exchange is not None and exchange.provider is not None and exchange.provider.backend is not None
+        assert exchange is not None
         session = exchange.session
-        backend = exchange.provider.backend
+        backend = target(exchange)
+        assert backend is not None
         request = flow.request
         scheme, host, port = backend.scheme, backend.host, backend.port
         host_header = (request.host_header or backend.host_header) if backend.keep_client_host else backend.host_header
@@ -105,7 +127,7 @@ class Upstream:
     @staticmethod
     def refused(flow: http.HTTPFlow, exchange: Exchange | None) -> bool:
         """Nothing leaves without an ALLOW or SKIP verdict, even if an earlier step failed."""
-        if (exchange is not None and exchange.provider is not None and exchange.provider.backend is not None
+        if (exchange is not None and target(exchange) is not None
                 and exchange.verdict is not None and exchange.verdict.action in GOES_UPSTREAM):
             return False
         flow.response = pages.page(403, "Forbidden", "The outpost reached no decision about this request.")
@@ -118,6 +140,8 @@ class Upstream:
         session = exchange.session
         drop = session.replaces if session is not None else HOST_ONLY
         fields = tuple(f for f in forwardable(request) if f[0].lower() not in drop) + exchange.forwarded
+        if exchange.embedded is not None:
+            fields = client_certificate_fields(fields, exchange)
         if session is not None:
             assert exchange.provider is not None
             fields += session.headers + exchange.provider.static_headers
@@ -127,13 +151,15 @@ class Upstream:
         """The upstream may not plant outpost cookies (fixation) or switch protocols unasked;
         pending cookie changes go out."""
         exchange = exchange_of(flow)
-        if exchange is None or not exchange.proxied or exchange.provider is None or flow.response is None:
+        if exchange is None or not exchange.proxied or flow.response is None:
             return
         if flow.response.status_code == 101 and not is_websocket_handshake(flow.request):
             flow.response = pages.page(502, "Bad gateway", "The application switched protocols unasked.")
             decide(flow, Outcome.DENIED, "unexpected_upgrade", "the upstream answered 101 to a request that was no WebSocket "
                    "handshake", logging.WARNING)
             return
+        if exchange.provider is None:
+            return  # embedded mode: the authentik server's own answer, as it sent it
         response_headers = flow.response.headers
         if self.powered_by:
             response_headers["X-Powered-By"] = POWERED_BY

@@ -33,6 +33,7 @@ class Reason(StrEnum):
     ORIGINAL_URL_UNKNOWN = "original_url_unknown"
     FORWARD_AUTH_HOST = "forward_auth_host"
     BACKEND_INVALID = "backend_invalid"
+    EMBEDDED_BACKEND = "embedded_backend"  # embedded mode: not the outpost's, to the authentik server (Routing)
 
 
 class Credential(StrEnum):
