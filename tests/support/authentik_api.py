@@ -33,6 +33,15 @@ Behaviour copied from authentik 2025.x (see the fixture's `x-source`):
 * provider configs are listed ordered by name (`ProxyOutpostConfigViewSet.ordering`).
 * the websocket denies a missing or wrong token, or another outpost's pk, with HTTP 403 at the
   handshake; it answers every message except an ACK with `{"instruction": 0, "args": {}}`.
+
+It also stands in for the rest of the authentik server, as the backend behind an embedded outpost
+(seed 003), on the same port and without authentication (as authentik's own pages and files):
+`/static/...`, `/media/...` and `/help/` files (`BACKEND_FILES`), the flow interface
+`/if/flow/<slug>/` and the health checks `/-/health/live/` and `/-/health/ready/`, an echo websocket
+`/ws/client/` (authentik's UI websocket; frames in `echo_clients`), a slow endpoint `/slow/?seconds=S`
+(`&chunks=N`: N chunks S seconds apart), and an upload endpoint `POST|PUT /upload/` that counts the
+body bytes it read, with a Content-Length or chunked (`uploads`). Every request is in `requests`
+with its headers exactly as received (`raw_headers`: names as sent, in order, repeats kept).
 """
 
 from __future__ import annotations
@@ -328,8 +337,24 @@ class RecordedRequest:
     method: str
     path: str
     query: dict[str, list[str]]
-    headers: dict[str, str]
+    headers: dict[str, str]  # names lowercased; a repeated field keeps its last value (see raw_headers)
     status: int = 0
+    raw_headers: list[tuple[str, str]] = field(default_factory=list)  # as received: names as sent, in order
+    peer: tuple[str, int] = ("", 0)  # the client address the double saw (the outpost's, behind it)
+
+    def all(self, name: str) -> list[str]:
+        """Every value of the field `name` (any case), in the order received."""
+        return [v for k, v in self.raw_headers if k.lower() == name.lower()]
+
+
+@dataclass
+class Upload:
+    """One request body read by `/upload/`: how many body bytes arrived, and whether all of it did."""
+
+    method: str
+    headers: dict[str, str]
+    received: int = 0
+    complete: bool = False
 
 
 @dataclass
@@ -340,6 +365,7 @@ class WebsocketClient:
     messages: list[dict[str, Any]] = field(default_factory=list)  # received from the outpost
     sent: list[dict[str, Any]] = field(default_factory=list)  # sent to the outpost
     closed: bool = False
+    frames: list[str | bytes] = field(default_factory=list)  # on /ws/client/: the data frames received (and echoed)
 
 
 class _Connection:
@@ -371,6 +397,21 @@ class _Connection:
         self.client.sent.append(message)
         return True
 
+    def send_data(self, data: str | bytes) -> bool:
+        """One text (str) or binary (bytes) frame."""
+        with self.lock:
+            if self.protocol.state is not State.OPEN:
+                return False
+            if isinstance(data, str):
+                self.protocol.send_text(data.encode())
+            else:
+                self.protocol.send_binary(data)
+            try:
+                self.flush()
+            except OSError:
+                return False
+        return True
+
     def close(self, code: int, reason: str, abrupt: bool) -> None:
         """Start the closing handshake (the reader loop finishes it), dropping the TCP connection
         if the peer has not answered within 2 s; or drop it at once when abrupt."""
@@ -393,6 +434,18 @@ class _Connection:
 
 _CERT_PATH = re.compile(r"^/api/v3/crypto/certificatekeypairs/([^/]+)/(view_certificate/|view_private_key/)?$")
 _WS_PATH = re.compile(r"^/ws/outpost/([^/]+)/$")
+ECHO_WS_PATH = "/ws/client/"  # authentik's UI websocket; here an echo
+_FLOW_PATH = re.compile(r"^/if/flow/([^/]+)/$")
+
+#: The backend's files, as an authentik server serves them: (Content-Type, body) by path.
+BACKEND_FILES: dict[str, tuple[str, bytes]] = {
+    "/static/dist/custom.css": ("text/css", b":root { --ak-accent: #fd4b2d; }\n"),
+    "/static/dist/poly.js": ("application/javascript", b"/* authentik-api-double: poly.js */\n"),
+    "/static/": ("text/plain", b"authentik-api-double: /static/\n"),
+    "/static": ("text/plain", b"authentik-api-double: /static\n"),
+    "/media/public/application-icons/app.svg": ("image/svg+xml", b'<svg xmlns="http://www.w3.org/2000/svg"/>\n'),
+    "/help/": ("text/html; charset=utf-8", b"<!doctype html><title>authentik help</title>\n"),
+}
 
 
 class AuthentikAPIDouble:
@@ -402,7 +455,7 @@ class AuthentikAPIDouble:
 
     def __init__(self, token: str | None = None, *, outpost_name: str = "mitm-outpost",
                  outpost_pk: str | None = None, refresh_interval_s: int = 300,
-                 default_page_size: int = 100, max_page_size: int | None = None) -> None:
+                 default_page_size: int = 100, max_page_size: int | None = None, port: int = 0) -> None:
         self.token = token or secrets.token_urlsafe(48)
         self.outpost_pk = outpost_pk or str(uuid.uuid4())
         self.outpost_name = outpost_name
@@ -420,11 +473,13 @@ class AuthentikAPIDouble:
         self.violations: list[str] = []
         self.ws_clients: list[WebsocketClient] = []
         self.hellos: list[dict[str, Any]] = []
+        self.echo_clients: list[WebsocketClient] = []  # /ws/client/ connections (not outposts: not in `connected`)
+        self.uploads: list[Upload] = []  # bodies read by /upload/, in arrival order
         self.server_version, self.build_hash = "2025.10.0", ""  # the authentik release the double stands for
         self._connections: list[_Connection] = []
         self._sockets: set[socket.socket] = set()
         self._changed = threading.Condition(self._lock)
-        self._server = self._make_server()
+        self._server = self._make_server(port)
         self.port: int = self._server.server_address[1]
         self._thread: threading.Thread | None = None
         self.root_config: dict[str, Any] = {
@@ -554,6 +609,20 @@ class AuthentikAPIDouble:
         with self._lock:
             return self.request_counts[path]
 
+    def received(self, path: str) -> list[RecordedRequest]:
+        """The requests that reached `path` (without query), oldest first."""
+        with self._lock:
+            return [r for r in self.requests if r.path == path]
+
+    def last(self, path: str) -> RecordedRequest:
+        """The latest request to `path`; AssertionError when none came."""
+        found = self.received(path)
+        if not found:
+            with self._lock:
+                paths = sorted({r.path for r in self.requests})
+            raise AssertionError(f"authentik double: no request to {path} (got {paths})")
+        return found[-1]
+
     def certificate_fetches(self, kp_uuid: str) -> dict[str, int]:
         base = f"/api/v3/crypto/certificatekeypairs/{kp_uuid}/"
         return {"keypair": self.count(base), "certificate": self.count(base + "view_certificate/"),
@@ -563,6 +632,7 @@ class AuthentikAPIDouble:
         with self._lock:
             self.request_counts.clear()
             self.requests.clear()
+            self.uploads.clear()
 
     # -- bodies ---------------------------------------------------------------------------------
 
@@ -722,7 +792,7 @@ class AuthentikAPIDouble:
             return 200, "CertificateKeyPair", copy.deepcopy(entry["pair"])
         return 404, "GenericError", {"detail": "Not found."}
 
-    def _make_server(self) -> ThreadingHTTPServer:
+    def _make_server(self, port: int = 0) -> ThreadingHTTPServer:
         double = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -885,4 +955,4 @@ class AuthentikAPIDouble:
             daemon_threads = True
             allow_reuse_address = True
 
-        return Server(("127.0.0.1", 0), Handler)
+        return Server(("127.0.0.1", port), Handler)
