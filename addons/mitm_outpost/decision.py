@@ -70,7 +70,7 @@ class Exchange:
     by_header: bool = False  # the session came from an Authorization header, not the cookie
     verdict: Verdict | None = None  # the Gate's decision; only ALLOW and SKIP go upstream
     embedded: "EmbeddedBackend | None" = None  # embedded mode: this request goes to the authentik server
-    trusted_peer: bool = False  # embedded mode: the peer is a trusted proxy (its client-certificate headers stay)
+    trusted_peer: bool = False  # the peer is a trusted proxy (its forwarded facts and client-certificate headers count)
     client_certificate: str = ""  # embedded mode: the client's TLS certificate, as X-Forwarded-Client-Cert
     forwarded: tuple[tuple[bytes, bytes], ...] = ()  # Host and X-Forwarded-* as Upstream sets them
     verify_tls: bool = True  # the upstream's certificate is checked (the provider's internal_host_ssl_validation)

@@ -26,8 +26,8 @@ logger = logging.getLogger("mitm_outpost")
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^`|~0-9A-Za-z-]+$")
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-                        "transfer-encoding", "upgrade", "host", "content-length", "cookie"})
+# Names an additional header may not have: hop-by-hop ones, and those of the message and its framing.
+NOT_ADDITIONAL = names.HOP_BY_HOP_HEADERS | {"transfer-encoding", "host", "content-length", "cookie"}
 
 # The claims a session keeps: what the headers and later features need, nothing else.
 KEPT_CLAIMS = ("sub", "preferred_username", "email", "name", "groups", "entitlements", "sid", "ak_proxy")
@@ -128,8 +128,8 @@ def additional_headers(value: Any, basic_upstream_on: bool, who: str) -> HeaderF
         text = raw if isinstance(raw, str) else json.dumps(raw) if not isinstance(raw, (int, float)) or isinstance(raw, bool) else str(raw)
         refused = (
             not isinstance(name, str) or not _TOKEN.match(name) or "_" in name
-            or key in names.PROTECTED_HEADER_KEYS or key.startswith(names.PROTECTED_HEADER_PREFIX)
-            or key in HOP_BY_HOP or (key == "authorization" and basic_upstream_on) or has_control_chars(text)
+            or key in names.PROTECTED_HEADER_KEYS or key.startswith(names.PROTECTED_HEADER_PREFIXES)
+            or key in NOT_ADDITIONAL or (key == "authorization" and basic_upstream_on) or has_control_chars(text)
         )
         if refused:
             logger.warning("%s: additional header %r refused", who, name)

@@ -82,7 +82,17 @@ def header_key(name: str) -> str:
 PROTECTED_HEADER_KEYS = frozenset(
     header_key(n) for n in (*IDENTITY_HEADERS, *LEGACY_HEADERS, *FORWARDING_HEADERS)
 )
-PROTECTED_HEADER_PREFIX = "x-authentik-"
+# Whole families a client may never send on: ours, every forwarding header (a proxy's to set, never a
+# client's: X-Forwarded-Prefix, -Port, ...), and oauth2-proxy's identity headers, which migrated apps may trust.
+PROTECTED_HEADER_PREFIXES = ("x-authentik-", "x-forwarded-", "x-auth-request-")
+# A client's TLS certificate as a TLS-terminating proxy in front passes it on: kept from a trusted proxy
+# only (Upstream), whatever the prefixes above say.
+CLIENT_CERTIFICATE_HEADERS = frozenset({"ssl-client-cert", "x-forwarded-tls-client-cert", "x-forwarded-client-cert"})
+
+# Fields of one connection, never forwarded (RFC 9110 §7.6.1, and the proxy ones of RFC 9110 §11.7),
+# nor accepted as additional headers; `Transfer-Encoding` is mitmproxy's to re-frame.
+HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+                                "proxy-authorization", "te", "trailer", "upgrade"})
 
 COOKIE_PREFIX = "authentik_proxy_"
 

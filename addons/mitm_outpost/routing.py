@@ -27,7 +27,7 @@ OWN_PREFIXES = tuple(prefix.rstrip("/") for prefix in names.ENDPOINT_PREFIXES)  
 TO_BACKEND = Verdict(Action.SKIP, Reason.EMBEDDED_BACKEND, 0)  # upstream without identity, to the authentik server
 
 
-def to_backend(flow: http.HTTPFlow, exchange: Exchange, embedded: EmbeddedBackend, trusted: bool) -> None:
+def to_backend(flow: http.HTTPFlow, exchange: Exchange, embedded: EmbeddedBackend) -> None:
     """Embedded mode: the request is authentik's (its UI, API, files); it goes there through the edge rules."""
     note(flow, route="backend")
     length = flow.request.headers.get("Content-Length", "0")
@@ -36,7 +36,6 @@ def to_backend(flow: http.HTTPFlow, exchange: Exchange, embedded: EmbeddedBacken
         decide(flow, Outcome.DENIED, "body_too_large", "to the authentik server: body too large", logging.WARNING)
         return
     exchange.embedded, exchange.body_limit, exchange.verdict = embedded, embedded.body_limit, TO_BACKEND
-    exchange.trusted_peer = trusted
     if certificates := flow.client_conn.certificate_list:
         pem = certificates[0].to_pem().decode()
         exchange.client_certificate = f'Hash={certificates[0].fingerprint().hex()};Cert="{urllib.parse.quote(pem, safe="")}"'
@@ -63,9 +62,10 @@ class Routing:
             decide(flow, Outcome.ENDPOINT, health, health if ready else "ping: providers not loaded yet")
             return
         peer = flow.client_conn.peername[0]
+        exchange.trusted_peer = self.registry.is_trusted(peer)
         kind = auth_kind(path, query)
         if kind is not None:
-            if not self.registry.is_trusted(peer):
+            if not exchange.trusted_peer:
                 flow.response = pages.page(403, "Forbidden", "Forward-auth checks are answered for trusted proxies only.")
                 decide(flow, Outcome.DENIED, "untrusted_proxy", f"forward-auth check from untrusted peer {peer}", logging.WARNING)
                 return
@@ -77,13 +77,13 @@ class Routing:
         else:
             host = flow.request.host_header or ""
             provider = self.registry.by_host.get(host.lower())
-            if provider is None and path in OWN_PATHS and self.registry.is_trusted(peer):
+            if provider is None and path in OWN_PATHS and exchange.trusted_peer:
                 host = flow.request.headers.get("X-Forwarded-Host") or parse_original_url(flow.request.headers.get("X-Original-URL", "")).host or host
                 provider = self.registry.provider_for(host, host.rsplit(":", 1)[0])
             embedded = self.registry.embedded
             if embedded is not None and (is_backend_path(path) or not path.startswith(OWN_PREFIXES) and (
                     provider is None or provider.mode is not names.Mode.PROXY)):
-                to_backend(flow, exchange, embedded, self.registry.is_trusted(peer))
+                to_backend(flow, exchange, embedded)
                 return
         if self.registry.embedded is not None:
             note(flow, route="outpost")

@@ -1,8 +1,8 @@
 """The Sanitize addon: the upstream never sees what a client forged, what the outpost owns,
 or what belongs to the client's own connection.
 
-Identity and forwarding headers sent by the client are dropped in every spelling (any case,
-`_` for `-`); the outpost's cookies are taken out of `Cookie` (their values kept on the
+Identity and forwarding headers sent by the client (every `X-authentik-*`, `X-Forwarded-*` and
+`X-Auth-Request-*`, and the legacy names) are dropped in every spelling (any case, `_` for `-`); the outpost's cookies are taken out of `Cookie` (their values kept on the
 exchange for the session check); hop-by-hop fields (RFC 9110 §7.6.1) are dropped: the
 client's `Connection` and every field it names (so a next hop that honours `Connection` can
 never delete the identity the outpost adds), `Keep-Alive`, `Proxy-Connection`, `TE`,
@@ -17,16 +17,17 @@ from . import names
 from .decision import Exchange, embedded_undecided, note, undecided
 
 _PROTECTED = frozenset(k.encode() for k in names.PROTECTED_HEADER_KEYS)
-_PREFIX = names.PROTECTED_HEADER_PREFIX.encode()
+_PREFIXES = tuple(prefix.encode() for prefix in names.PROTECTED_HEADER_PREFIXES)
+CLIENT_CERTIFICATE = frozenset(name.encode() for name in names.CLIENT_CERTIFICATE_HEADERS)  # Upstream decides
 _COOKIE_PREFIX = names.COOKIE_PREFIX.encode()
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"})
+HOP_BY_HOP = frozenset(name.encode() for name in names.HOP_BY_HOP_HEADERS)
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})  # tokens that name no field
 WEBSOCKET_UPGRADE = ((b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"))
 
 
 def is_protected(name: bytes) -> bool:
     key = name.strip().lower().replace(b"_", b"-")
-    return key in _PROTECTED or key.startswith(_PREFIX)
+    return key in _PROTECTED or (key.startswith(_PREFIXES) and key not in CLIENT_CERTIFICATE)
 
 
 def is_websocket_handshake(request: http.Request) -> bool:

@@ -20,15 +20,14 @@ from .registry import Registry
 from .decision import Exchange, Outcome, decide, exchange_of
 from .edge import UNVERIFIED
 from .provider import Backend
-from .sanitize import forwardable, is_websocket_handshake
+from .sanitize import CLIENT_CERTIFICATE, forwardable, is_websocket_handshake
 from .verdict import Action, Reason
 
 logger = logging.getLogger("mitm_outpost")
 
 _COOKIE_PREFIX = names.COOKIE_PREFIX.lower()
 HOST_ONLY = frozenset({b"host"})
-MTLS_HEADERS = frozenset({b"ssl-client-cert", b"x-forwarded-tls-client-cert", b"x-forwarded-client-cert"})
-Fields = tuple[tuple[bytes, bytes], ...]
+
 POWERED_BY = "goauthentik.io"
 GOES_UPSTREAM = frozenset({Action.ALLOW, Action.SKIP})
 
@@ -38,17 +37,6 @@ def target(exchange: Exchange) -> Backend | None:
     if exchange.embedded is not None:
         return exchange.embedded.backend
     return exchange.provider.backend if exchange.provider is not None else None
-
-
-def client_certificate_fields(fields: Fields, exchange: Exchange) -> Fields:
-    """For the authentik server (its mTLS stage): a client's certificate headers only from a trusted proxy;
-    the certificate the client itself presented on 9443 as `X-Forwarded-Client-Cert` (Envoy's format)."""
-    if not exchange.trusted_peer:
-        fields = tuple(f for f in fields if f[0].lower() not in MTLS_HEADERS)
-    if exchange.client_certificate:
-        fields = tuple(f for f in fields if f[0].lower() != b"x-forwarded-client-cert")
-        fields += ((b"X-Forwarded-Client-Cert", exchange.client_certificate.encode()),)
-    return fields
 
 
 def authority(scheme: str, host: str, port: int) -> str:
@@ -139,9 +127,12 @@ class Upstream:
         """One rebuild of the header tuple: the client's forwardable fields, then ours."""
         session = exchange.session
         drop = session.replaces if session is not None else HOST_ONLY
+        if not exchange.trusted_peer:
+            drop = drop | CLIENT_CERTIFICATE
         fields = tuple(f for f in forwardable(request) if f[0].lower() not in drop) + exchange.forwarded
-        if exchange.embedded is not None:
-            fields = client_certificate_fields(fields, exchange)
+        if exchange.client_certificate:  # embedded mode: the certificate the client presented on 9443
+            fields = tuple(f for f in fields if f[0].lower() != b"x-forwarded-client-cert")
+            fields += ((b"X-Forwarded-Client-Cert", exchange.client_certificate.encode()),)
         if session is not None:
             assert exchange.provider is not None
             fields += session.headers + exchange.provider.static_headers
@@ -158,8 +149,9 @@ class Upstream:
             decide(flow, Outcome.DENIED, "unexpected_upgrade", "the upstream answered 101 to a request that was no WebSocket "
                    "handshake", logging.WARNING)
             return
-        if exchange.provider is None:
-            return  # embedded mode: the authentik server's own answer, as it sent it
+        if exchange.provider is None:  # embedded mode: the authentik server's own answer, passed on as it comes
+            flow.response.stream = True
+            return
         response_headers = flow.response.headers
         if self.powered_by:
             response_headers["X-Powered-By"] = POWERED_BY

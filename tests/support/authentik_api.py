@@ -69,7 +69,7 @@ from typing import Any
 import jsonschema
 import packaging.version
 from websockets.datastructures import Headers
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -819,7 +819,9 @@ class AuthentikAPIDouble:
             def _record(self) -> tuple[RecordedRequest, str, dict[str, list[str]]]:
                 split = urllib.parse.urlsplit(self.path)
                 query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
-                rec = RecordedRequest(self.command, split.path, query, {k.lower(): v for k, v in self.headers.items()})
+                raw = list(self.headers.items())
+                rec = RecordedRequest(self.command, split.path, query, {k.lower(): v for k, v in raw}, raw_headers=raw,
+                                      peer=tuple(self.client_address[:2]))  # type: ignore[arg-type]
                 with double._changed:
                     double.request_counts[split.path] += 1
                     double.requests.append(rec)
@@ -853,6 +855,8 @@ class AuthentikAPIDouble:
                     return self._send(rec, 503, b"Service Unavailable\n", "text/plain")
                 if self.headers.get("Upgrade", "").lower() == "websocket":
                     return self._websocket(rec, path, query)
+                if self._backend(rec, path, query):
+                    return
                 denied = double._authenticate(self.headers.get("Authorization"), path == "/api/v3/root/config/")
                 if denied is not None:
                     return self._send_json(rec, 403, "GenericError", denied)
@@ -864,8 +868,90 @@ class AuthentikAPIDouble:
             def do_HEAD(self) -> None:
                 self.do_GET()
 
+            # -- the rest of the authentik server (the backend of an embedded outpost) ---------
+
+            def _backend(self, rec: RecordedRequest, path: str, query: dict[str, list[str]]) -> bool:
+                """Answer a GET/HEAD for one of the server's own pages or files; False for the API."""
+                if path in BACKEND_FILES:
+                    content_type, body = BACKEND_FILES[path]
+                    self._send(rec, 200, body, content_type)
+                elif m := _FLOW_PATH.match(path):
+                    page = f"<!doctype html><title>authentik</title><ak-flow-executor flowSlug={m.group(1)}>"
+                    self._send(rec, 200, page.encode(), "text/html; charset=utf-8")
+                elif path in ("/-/health/live/", "/-/health/ready/"):
+                    self._send(rec, 200, b"", "text/plain")
+                elif path == "/slow/":
+                    self._slow(rec, query)
+                else:
+                    return False
+                return True
+
+            def _slow(self, rec: RecordedRequest, query: dict[str, list[str]]) -> None:
+                """`?seconds=S`: answer after S seconds. `&chunks=N`: N chunks (chunked encoding), the
+                first at once and each next S seconds later, so a client sees whether they were streamed."""
+                seconds = float(query.get("seconds", ["1"])[-1])
+                chunks = int(query.get("chunks", ["0"])[-1])
+                if not chunks:
+                    time.sleep(seconds)
+                    return self._send(rec, 200, json.dumps({"slept": seconds}).encode())
+                rec.status = 200
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                try:
+                    for i in range(chunks):
+                        if i:
+                            time.sleep(seconds)
+                        data = f"chunk {i} at {time.time():.3f}\n".encode()
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    self.close_connection = True
+
+            def _read_exactly(self, n: int, upload: Upload) -> None:
+                while n:
+                    chunk = self.rfile.read(min(n, 1 << 16))
+                    if not chunk:
+                        raise ConnectionError("the body ended early")
+                    upload.received += len(chunk)
+                    n -= len(chunk)
+
+            def _upload(self, rec: RecordedRequest) -> None:
+                """Read the whole body (Content-Length or chunked), counting it; answer {"received": n}."""
+                upload = Upload(self.command, dict(rec.headers))
+                with double._changed:
+                    double.uploads.append(upload)
+                try:
+                    if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                        while True:
+                            line = self.rfile.readline(1024)
+                            if not line.endswith(b"\n"):
+                                raise ConnectionError("the chunked body ended early")
+                            size = int(line.split(b";")[0].strip(), 16)
+                            if size == 0:
+                                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                                    pass  # trailers
+                                break
+                            self._read_exactly(size, upload)
+                            if self.rfile.readline(1024) not in (b"\r\n", b"\n"):
+                                raise ConnectionError("bad chunk end")
+                    else:
+                        self._read_exactly(int(self.headers.get("Content-Length") or 0), upload)
+                    upload.complete = True
+                except (OSError, ValueError):
+                    self.close_connection = True
+                    return
+                finally:
+                    with double._changed:
+                        double._changed.notify_all()
+                self._send(rec, 200, json.dumps({"received": upload.received}).encode())
+
             def _other(self) -> None:
-                rec, _, _ = self._record()
+                rec, path, _ = self._record()
+                if path == "/upload/" and self.command in ("POST", "PUT") and not double._down:
+                    return self._upload(rec)
                 length = int(self.headers.get("Content-Length") or 0)
                 if length:
                     self.rfile.read(length)
@@ -875,7 +961,20 @@ class AuthentikAPIDouble:
 
             do_POST = do_PUT = do_PATCH = do_DELETE = _other
 
+            def _accept_websocket(self, rec: RecordedRequest) -> bool:
+                """The handshake: websockets' sans-I/O protocol checks it and builds the 101 (or the refusal)."""
+                response = ServerProtocol().accept(Request(self.path, Headers(list(self.headers.items()))))
+                if response.status_code != 101:
+                    self.close_connection = True
+                    self._send(rec, response.status_code, response.body, "text/plain")
+                    return False
+                rec.status = 101
+                self.wfile.write(response.serialize())
+                return True
+
             def _websocket(self, rec: RecordedRequest, path: str, query: dict[str, list[str]]) -> None:
+                if path == ECHO_WS_PATH:
+                    return self._echo_websocket(rec, path, query)
                 m = _WS_PATH.match(path)
                 if m is None:
                     return self._send_json(rec, 404, "GenericError", {"detail": "Not found."})
@@ -883,14 +982,9 @@ class AuthentikAPIDouble:
                 if denied is not None or m.group(1) != double.outpost_pk:
                     self.close_connection = True
                     return self._send(rec, 403, b"", "text/plain")
-                # websockets' sans-I/O protocol checks the handshake and builds the 101 ...
-                response = ServerProtocol().accept(Request(self.path, Headers(list(self.headers.items()))))
-                if response.status_code != 101:
-                    self.close_connection = True
-                    return self._send(rec, response.status_code, response.body, "text/plain")
-                rec.status = 101
-                self.wfile.write(response.serialize())
-                # ... and a second one, born OPEN (the first one's parser still expects a request), does the frames.
+                if not self._accept_websocket(rec):
+                    return
+                # A second protocol, born OPEN (the first one's parser still expects a request), does the frames.
                 client = WebsocketClient(path, query, {k.lower(): v for k, v in self.headers.items()})
                 conn = _Connection(self.connection, ServerProtocol(state=State.OPEN), client)
                 with double._changed:
@@ -898,7 +992,7 @@ class AuthentikAPIDouble:
                     double._connections.append(conn)
                     double._changed.notify_all()
                 try:
-                    self._websocket_loop(conn)
+                    self._websocket_loop(conn, self._on_frame)
                 finally:
                     with double._changed:
                         client.closed = True
@@ -907,7 +1001,37 @@ class AuthentikAPIDouble:
                         double._changed.notify_all()
                     self.close_connection = True
 
-            def _websocket_loop(self, conn: _Connection) -> None:
+            def _echo_websocket(self, rec: RecordedRequest, path: str, query: dict[str, list[str]]) -> None:
+                """`/ws/client/`: no token asked (authentik's UI sends its session cookie); echoes every data frame."""
+                if not self._accept_websocket(rec):
+                    return
+                client = WebsocketClient(path, query, {k.lower(): v for k, v in self.headers.items()})
+                conn = _Connection(self.connection, ServerProtocol(state=State.OPEN), client)
+                with double._changed:
+                    double.echo_clients.append(client)
+                    double._changed.notify_all()
+                try:
+                    self._websocket_loop(conn, self._on_echo)
+                finally:
+                    with double._changed:
+                        client.closed = True
+                        double._changed.notify_all()
+                    self.close_connection = True
+
+            def _on_echo(self, conn: _Connection, frame: Frame) -> None:
+                if frame.opcode not in (Opcode.TEXT, Opcode.BINARY):
+                    return
+                data: str | bytes = frame.data.decode() if frame.opcode is Opcode.TEXT else bytes(frame.data)
+                with double._changed:
+                    conn.client.frames.append(data)
+                    double._changed.notify_all()
+                conn.send_data(data)
+
+            def _on_frame(self, conn: _Connection, frame: Frame) -> None:
+                if frame.opcode is Opcode.TEXT:
+                    self._on_message(conn, frame.data)
+
+            def _websocket_loop(self, conn: _Connection, on_frame: Callable[[_Connection, Frame], None]) -> None:
                 sock = conn.sock
                 sock.settimeout(None)
                 while True:
@@ -927,8 +1051,7 @@ class AuthentikAPIDouble:
                         except OSError:
                             return
                     for frame in events:
-                        if frame.opcode is Opcode.TEXT:
-                            self._on_message(conn, frame.data)
+                        on_frame(conn, frame)
                     if not data or conn.protocol.state is State.CLOSED:
                         return
 
