@@ -32,7 +32,7 @@ from .authentik import AuthentikSource
 from .file_source import FileSource
 from .registry import Registry
 from .debugging import Commands
-from .decision import Outcome, decide
+from .decision import Outcome, decide, exchange_of
 from .edge import Edge
 from .embedded import Embedded
 from .endpoints import Endpoints
@@ -129,10 +129,12 @@ class Chain:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         await self._decide("requestheaders", flow)
         if flow.response is not None:
-            # Answered by the outpost: no "100 Continue" first, and no body streamed anywhere (the
-            # edge answers at once and discards what is still coming).
+            # Answered by the outpost: no "100 Continue" first (the edge answers at once and discards
+            # what is still coming).
             flow.request.headers.pop("Expect", None)
-            flow.request.stream = False
+        exchange = exchange_of(flow)
+        if flow.response is not None or exchange is None or not exchange.proxied:
+            flow.request.stream = False  # mitmproxy streams a large body upstream unless told: only after a verdict
 
     async def request(self, flow: http.HTTPFlow) -> None:
         await self._decide("request", flow)

@@ -125,12 +125,13 @@ def decide(flow: http.HTTPFlow, outcome: Outcome, code: str, reason: str, level:
                    printable(flow.request.path.partition("?")[0]), outcome.value, code, printable(reason))
 
 
-_UNPRINTABLE = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
-
-
 def printable(text: str, limit: int = 200) -> str:
-    """A client-supplied string as a log line may hold it: controls escaped (no forged lines), bounded."""
-    return text[:limit].translate(_UNPRINTABLE)
+    """A client-supplied string as a log line may hold it: every control or other unprintable character
+    escaped (C0, DEL, C1, line separators, lone surrogates: no forged lines), bounded."""
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)
 
 
 def without_query(url: str) -> str:

@@ -28,11 +28,12 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.connection import ConnectionState, Server
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, server_hooks
+from mitmproxy.proxy import context as context_module
 from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._events import (
-    RequestData, RequestEndOfMessage, RequestHeaders, RequestProtocolError, ResponseEndOfMessage, ResponseHeaders,
-    ResponseProtocolError,
+    RequestData, RequestEndOfMessage, RequestHeaders, RequestProtocolError, ResponseData, ResponseEndOfMessage,
+    ResponseHeaders, ResponseProtocolError, ResponseTrailers,
 )
 from mitmproxy.proxy.layers.http._hooks import HttpResponseHeadersHook
 from mitmproxy.utils import human
@@ -50,6 +51,7 @@ logger = logging.getLogger("mitm_outpost")
 LINGER_SECONDS = 2.0  # after an early answer: time for the client to read it before the close
 MAX_LEADING_EMPTY_LINES = 8  # RFC 9112 §2.2: a server SHOULD ignore at least one
 CONNECT_TIMEOUT = "upstream connect timeout"
+SERVER_EVENTS = (ResponseHeaders, ResponseData, ResponseTrailers, ResponseEndOfMessage, ResponseProtocolError)
 UNVERIFIED: "weakref.WeakSet[Server]" = weakref.WeakSet()  # upstream connections opened without certificate checks
 
 
@@ -78,11 +80,19 @@ class StrictHttp1Server(_http1.Http1Server):
             return
         yield from super()._handle_event(event)
         if self.state == self.wait and len(self.buf) > self.limits.header_size:
-            yield from self.refuse(PIPELINE_TOO_LARGE)  # bytes piling up behind a request still being answered
+            # Bytes piling up behind a request still being answered: no answer can go in front of its own.
+            logger.warning("edge: closed a connection from %s: %s", self.conn.peername[0] if self.conn.peername else "?",
+                           PIPELINE_TOO_LARGE.code)
+            EDGE_REFUSALS.labels(PIPELINE_TOO_LARGE.code).inc()
+            self.buf.maybe_extract_at_most(len(self.buf))
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
 
     def start(self, _: events.Start) -> layer.CommandGenerator[None]:
         self.state = self.read_headers
         yield from self.start_head_timer()
+
+    state = start  # Http1Connection's `state = start` would bind its own
 
     def start_head_timer(self) -> layer.CommandGenerator[None]:
         self.head_timer = commands.RequestWakeup(self.limits.header_timeout)
@@ -141,7 +151,7 @@ class StrictHttp1Server(_http1.Http1Server):
         yield from self.state(event)
 
     def send(self, event: http_layers.HttpEvent) -> layer.CommandGenerator[None]:
-        if isinstance(event, ResponseHeaders) and not self.request_done:
+        if isinstance(event, ResponseHeaders) and not self.request_done and event.response.status_code >= 200:
             event.response.headers["Connection"] = "close"  # answered before its body arrived (StrictHttpStream)
         answered_early = isinstance(event, ResponseEndOfMessage) and not self.request_done
         yield from super().send(event)
@@ -153,10 +163,6 @@ class StrictHttp1Server(_http1.Http1Server):
         if isinstance(event, events.ConnectionClosed):
             yield commands.CloseConnection(self.conn)
 
-    def mark_done(self, *, request: bool = False, response: bool = False) -> layer.CommandGenerator[None]:
-        yield from super().mark_done(request=request, response=response)
-        if self.state == self.read_headers:  # ready for the next request: its head gets a new timer
-            self.head_timer = None
 
 
 class StrictHttpStream(http_layers.HttpStream):
@@ -165,6 +171,16 @@ class StrictHttpStream(http_layers.HttpStream):
         self.limits = limits
         self.upstream_timer: commands.RequestWakeup | None = None
         self.streamed = 0  # request body bytes streamed upstream so far
+        self.answered = False  # answered by the edge itself (answer_now)
+
+    def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # Before Layer's own routing: mitmproxy replaces `_handle_event` once a WebSocket takes over.
+        if isinstance(event, events.Wakeup) and event.command is self.upstream_timer and (
+                self.child_layer is not None or self.server_state != self.state_wait_for_response_headers):
+            return  # a stale timer
+        if self.answered and isinstance(event, SERVER_EVENTS):
+            return  # the edge answered this request; what the upstream still sends is dropped
+        yield from super().handle_event(event)
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         if isinstance(event, events.Wakeup):
@@ -176,6 +192,14 @@ class StrictHttpStream(http_layers.HttpStream):
                 yield from self.answer_now(upstream_failure(504))
             return
         yield from super()._handle_event(event)
+
+    def state_wait_for_response_headers(self, event: ResponseHeaders) -> layer.CommandGenerator[None]:
+        yield from super().state_wait_for_response_headers(event)
+        if self.flow.response is not event.response and not self.answered:
+            # An addon replaced the upstream's answer (Upstream: an unasked 101; Chain: a failed check):
+            # the upstream's body must not follow it.
+            yield commands.CloseConnection(self.context.server)
+            yield from self.answer_now(self.flow.response)
 
     def state_wait_for_request_headers(self, event: RequestHeaders) -> layer.CommandGenerator[None]:
         yield from super().state_wait_for_request_headers(event)
@@ -216,7 +240,9 @@ class StrictHttpStream(http_layers.HttpStream):
         yield from ()  # the rest of a request that has been answered
 
     def answer_now(self, response: http.Response) -> layer.CommandGenerator[None]:
-        """Send `response` now; whatever the client still sends for this request is dropped."""
+        """Send `response` now; whatever the client still sends for this request is dropped, and so is
+        whatever the upstream still sends."""
+        self.answered = True
         self.flow.response = response
         if self.client_state not in (self.state_done, self.state_errored):
             self.client_state = self.state_discard
@@ -254,7 +280,7 @@ class StrictHttpLayer(http_layers.HttpLayer):
         self.limits = limits
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Start) and self.context.client.alpn not in (b"h2", b"h3"):
+        if isinstance(event, events.Start) and self.context.client.alpn != b"h2" and not http_layers.is_h3_alpn(self.context.client.alpn):
             self.connections.setdefault(self.context.client, StrictHttp1Server(self.context.fork(), self.limits))
         yield from super()._handle_event(event)
 
@@ -322,21 +348,44 @@ class Edge:
         try:
             if nextlayer.layer is None and (chooser := ctx.master.addons.get("nextlayer")) is not None:
                 chooser.next_layer(nextlayer)
-            chosen = nextlayer.layer
-            if type(chosen) is http_layers.HttpLayer:
-                chosen.context.layers.remove(chosen)  # a layer registers itself in its context when made
-                nextlayer.layer = StrictHttpLayer(chosen.context, chosen.mode, self.limits)
+            nextlayer.layer = self.strict(nextlayer.layer, nextlayer.context)
         except Exception:
             logger.exception("edge: no HTTP layer could be chosen; closing the connection")
             nextlayer.layer = Closing(nextlayer.context)
+
+    def strict(self, chosen: layer.Layer | None, context: context_module.Context) -> layer.Layer | None:
+        """The chosen stack (on 9443: client TLS, then HTTP) with our HTTP layer wherever mitmproxy's
+        stands; a stack that ends in anything but HTTP (a raw TCP relay, say) is closed instead."""
+        parent, current = None, chosen
+        while current is not None:
+            if type(current) is http_layers.HttpLayer:
+                current.context.layers.remove(current)  # a layer registers itself in its context when made
+                strict = StrictHttpLayer(current.context, current.mode, self.limits)
+                if parent is None:
+                    chosen = strict
+                else:
+                    parent.child_layer = strict
+                return chosen
+            if isinstance(current, (StrictHttpLayer, layer.NextLayer)):
+                return chosen
+            parent, current = current, getattr(current, "child_layer", None)
+        if chosen is None:
+            return None  # mitmproxy waits for more data to decide
+        logger.warning("edge: refused a connection that would not be HTTP (%s)", type(chosen).__name__)
+        return Closing(context)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """mitmproxy waits for a TCP connect as long as the OS does; we wait outpost_upstream_connect_timeout."""
         task = asyncio.current_task()
         if task is not None:
-            asyncio.get_running_loop().call_later(self.limits.upstream_connect_timeout, _connect_overdue, task, data.server)
+            timeout = self.limits.upstream_connect_timeout
+            asyncio.get_running_loop().call_later(timeout, _connect_overdue, task, data.server, timeout)
 
 
-def _connect_overdue(task: asyncio.Task[None], server: Server) -> None:
-    if server.timestamp_tcp_setup is None and server.error is None and not task.done():
-        task.cancel(CONNECT_TIMEOUT)
+def _connect_overdue(task: asyncio.Task[None], server: Server, timeout: float) -> None:
+    if task.done() or server.timestamp_tcp_setup is not None or server.error is not None:
+        return
+    if server.timestamp_start is None:  # still queued for one of mitmproxy's connection slots: not our clock yet
+        asyncio.get_running_loop().call_later(timeout, _connect_overdue, task, server, timeout)
+        return
+    task.cancel(CONNECT_TIMEOUT)

@@ -90,7 +90,7 @@ PROTECTED_HEADER_PREFIXES = ("x-authentik-", "x-forwarded-", "x-auth-request-")
 CLIENT_CERTIFICATE_HEADERS = frozenset({"ssl-client-cert", "x-forwarded-tls-client-cert", "x-forwarded-client-cert"})
 
 # Fields of one connection, never forwarded (RFC 9110 §7.6.1, and the proxy ones of RFC 9110 §11.7),
-# nor accepted as additional headers; `Transfer-Encoding` is mitmproxy's to re-frame.
+# nor accepted as additional headers. Content-Length and Transfer-Encoding frame the body: they stay.
 HOP_BY_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                                 "proxy-authorization", "te", "trailer", "upgrade"})
 

@@ -24,6 +24,11 @@ logger = logging.getLogger("mitm_outpost")
 HEALTH_PATHS = {prefix + name: name for prefix in names.ENDPOINT_PREFIXES for name in names.HEALTH}
 OWN_PATHS = frozenset(prefix + name for prefix in names.ENDPOINT_PREFIXES for name in names.ENDPOINTS)
 OWN_PREFIXES = tuple(prefix.rstrip("/") for prefix in names.ENDPOINT_PREFIXES)  # the outpost's on any host (seed 003)
+
+
+def is_own_path(path: str) -> bool:
+    """`/outpost.goauthentik.io` and what is under it (and the legacy `/akprox`), never `/outpost.goauthentik.iox`."""
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in OWN_PREFIXES)
 TO_BACKEND = Verdict(Action.SKIP, Reason.EMBEDDED_BACKEND, 0)  # upstream without identity, to the authentik server
 
 
@@ -81,7 +86,7 @@ class Routing:
                 host = flow.request.headers.get("X-Forwarded-Host") or parse_original_url(flow.request.headers.get("X-Original-URL", "")).host or host
                 provider = self.registry.provider_for(host, host.rsplit(":", 1)[0])
             embedded = self.registry.embedded
-            if embedded is not None and (is_backend_path(path) or not path.startswith(OWN_PREFIXES) and (
+            if embedded is not None and (is_backend_path(path) or not is_own_path(path) and (
                     provider is None or provider.mode is not names.Mode.PROXY)):
                 to_backend(flow, exchange, embedded)
                 return

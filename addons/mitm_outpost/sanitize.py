@@ -22,6 +22,9 @@ CLIENT_CERTIFICATE = frozenset(name.encode() for name in names.CLIENT_CERTIFICAT
 _COOKIE_PREFIX = names.COOKIE_PREFIX.encode()
 HOP_BY_HOP = frozenset(name.encode() for name in names.HOP_BY_HOP_HEADERS)
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})  # tokens that name no field
+# The message's own framing and target: a client that names them in Connection must not make the
+# outpost drop them (a body without its Content-Length would reach the app as a second request).
+_NEVER_NAMED = frozenset({b"content-length", b"transfer-encoding", b"host"})
 WEBSOCKET_UPGRADE = ((b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"))
 
 
@@ -43,7 +46,7 @@ def forwardable(request: http.Request) -> tuple[tuple[bytes, bytes], ...]:
     fields (WebSocket handshakes keep their `Connection: Upgrade` and `Upgrade: websocket`)."""
     fields = request.headers.fields
     named = {t.strip().lower().replace(b"_", b"-") for n, v in fields if n.lower() == b"connection" for t in v.split(b",")}
-    drop = HOP_BY_HOP | (named - _CONNECTION_OPTIONS)
+    drop = HOP_BY_HOP | (named - _CONNECTION_OPTIONS - _NEVER_NAMED)
     kept = tuple(f for f in fields if not is_protected(f[0]) and f[0].lower().replace(b"_", b"-") not in drop)
     return kept + WEBSOCKET_UPGRADE if is_websocket_handshake(request) else kept
 

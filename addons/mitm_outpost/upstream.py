@@ -29,6 +29,7 @@ _COOKIE_PREFIX = names.COOKIE_PREFIX.lower()
 HOST_ONLY = frozenset({b"host"})
 
 POWERED_BY = "goauthentik.io"
+CHUNKED = ((b"Transfer-Encoding", b"chunked"),)
 GOES_UPSTREAM = frozenset({Action.ALLOW, Action.SKIP})
 
 
@@ -106,11 +107,20 @@ class Upstream:
         if self.refused(flow, exchange):
             return
         assert exchange is not None
-        if not exchange.proxied:
+        if not exchange.proxied:  # a verdict, but Upstream never re-targeted it (it failed in between)
             flow.response = pages.page(403, "Forbidden", "The outpost reached no decision about this request.")
             decide(flow, Outcome.DENIED, "no_decision", "reached the upstream hook without being re-targeted; refused", logging.ERROR)
-        elif flow.request.headers.fields is not exchange.sent_fields:  # something changed them since requestheaders
-            self.set_fields(flow.request, exchange)
+            return
+        request = flow.request
+        if request.headers.fields is not exchange.sent_fields:  # something changed them since requestheaders
+            self.set_fields(request, exchange)
+        if not (request.is_http11 or request.is_http10) and not request.stream:
+            # HTTP/2 towards an HTTP/1 upstream, the whole body known: frame it by its length.
+            body = request.raw_content or b""
+            request.headers.pop("Transfer-Encoding", None)
+            if body:
+                request.headers["Content-Length"] = str(len(body))
+            exchange.sent_fields = request.headers.fields
 
     @staticmethod
     def refused(flow: http.HTTPFlow, exchange: Exchange | None) -> bool:
@@ -136,6 +146,10 @@ class Upstream:
         if session is not None:
             assert exchange.provider is not None
             fields += session.headers + exchange.provider.static_headers
+        if not (request.is_http11 or request.is_http10) and all(f[0].lower() != b"content-length" for f in fields):
+            # An HTTP/2 request needs no length; an HTTP/1 upstream does, or the body reads as a second
+            # request. Chunked, in case mitmproxy streams it before `request` (which frames a known body).
+            fields += CHUNKED
         request.headers.fields = exchange.sent_fields = fields
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

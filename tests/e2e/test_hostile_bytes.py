@@ -388,6 +388,22 @@ def test_fields_named_in_connection_are_not_forwarded(front: Front, apps: dict[s
     assert not seen.values("X-Custom"), "a field the client named in Connection reached the app"
 
 
+@pytest.mark.parametrize("framing", ["Content-Length", "Transfer-Encoding", "Host"])
+def test_connection_cannot_strip_the_framing(front: Front, apps: dict[str, Recorder], framing: str) -> None:
+    """A body whose Content-Length the outpost dropped would reach the app as a second, unjudged request."""
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: x\r\nX-authentik-username: admin\r\n\r\n"
+    if framing == "Transfer-Encoding":
+        body, length = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled), "Transfer-Encoding: chunked"
+    else:
+        body, length = smuggled, f"Content-Length: {len(smuggled)}"
+    raw = request(front.host("http.server"), "/public/x", f"Connection: close, {framing}", length,
+                  method="POST", body=body, close=False)
+    send(front.port, raw)
+    paths = [seen.path for seen in apps["http.server"].seen]
+    assert paths in ([], ["/public/x"]), f"the app parsed a request the outpost never judged: {paths}"
+    assert all(not seen.values("X-authentik-username") for seen in apps["http.server"].seen)
+
+
 def test_hop_by_hop_headers_never_reach_the_app(front: Front, apps: dict[str, Recorder]) -> None:
     hop = {"Keep-Alive": "timeout=5", "Proxy-Connection": "keep-alive", "TE": "trailers", "Trailer": "X-T"}
     lines = [f"{k}: {v}" for k, v in hop.items()]

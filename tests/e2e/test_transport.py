@@ -211,3 +211,18 @@ def test_access_log_records_what_the_client_got_when_the_upstream_fails_mid_resp
         lines = {record["path"]: record for record in records}
         assert lines["/small"]["status"] == 502 and "incomplete" not in lines["/small"]
         assert lines["/big"]["status"] == 200 and lines["/big"]["incomplete"] is True
+
+
+def test_the_strict_edge_holds_on_the_https_port_too(idp: str, upstream: str) -> None:
+    """On 9443 mitmproxy stacks client TLS and HTTP in one step: the strict HTTP layer must be under TLS too."""
+    port, tls_port = free_port(), free_port()
+    with Outpost([provider_entry("tls-edge", port, upstream, idp, skip_path_regex="^/headers")], port, tls_port):
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        forged = (f"GET /headers HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Note: a\rX-authentik-username: admin\r\n"
+                  "Connection: close\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(forged)
+            answer = tls.recv(200)
+        assert answer.startswith(b"HTTP/1.1 400"), answer

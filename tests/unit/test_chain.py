@@ -327,3 +327,25 @@ def test_legacy_header_names_can_be_switched_off() -> None:
     without = {name for name, _ in user_headers({"sub": "x"}, "", False)}
     assert {n.encode() for n in names.LEGACY_HEADERS} <= with_legacy
     assert not {n.encode() for n in names.LEGACY_HEADERS} & without
+
+
+async def test_an_http2_body_is_framed_for_an_http1_upstream(registry: Registry) -> None:
+    """HTTP/2 needs no Content-Length; an HTTP/1 upstream does, or the body reads as a second request."""
+    from mitmproxy.proxy.layers.http import HttpRequestHook
+
+    cookie = await logged_in(registry)
+    f = flow("/x", headers={"Cookie": cookie})
+    f.request.http_version, f.request.authority, f.request.method = "HTTP/2.0", "app.example.test", "POST"
+    f.request.headers.pop("Content-Length", None)
+    with taddons.context(Chain(chain(registry))) as tctx:
+        await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(f))
+        assert f.request.headers["Transfer-Encoding"] == "chunked"  # in case mitmproxy streams it
+        f.request.raw_content = b"GET /admin HTTP/1.1\r\n\r\n"
+        await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
+    assert f.response is None and "Transfer-Encoding" not in f.request.headers
+    assert f.request.headers["Content-Length"] == str(len(b"GET /admin HTTP/1.1\r\n\r\n"))
+
+
+def test_client_strings_in_log_lines_cannot_forge_a_line() -> None:
+    assert decision.printable("a\r\nFAKE\x00\x1b[31m\x7f\x85\u2028\udcff ok") == "a\\x0d\\x0aFAKE\\x00\\x1b[31m\\x7f\\x85\\u2028\\udcff ok"
+    assert decision.printable("x" * 300) == "x" * 200 and decision.without_query("/a?token=1#f") == "/a"
