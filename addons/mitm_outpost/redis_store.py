@@ -16,6 +16,8 @@ import time
 from typing import Any
 
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from cachetools import TTLCache
 
 from . import names
@@ -91,8 +93,11 @@ def decode(raw: bytes | str) -> Session:
 
 class RedisStore:
     def __init__(self, url: str, password: str | None = None) -> None:
+        # One retry on a fresh connection: after a Redis restart the pooled ones are dead, and the first
+        # command on each would otherwise fail a request that a new connection serves at once.
         self.client = redis.Redis.from_url(url, password=password, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
-                                           health_check_interval=10)
+                                           health_check_interval=10, retry=Retry(NoBackoff(), 1),
+                                           retry_on_error=[redis.ConnectionError])
         self.local: TTLCache[str, Session] = TTLCache(maxsize=100_000, ttl=LOCAL_TTL)
         self._delete_indexed = self.client.register_script(_DELETE_INDEXED)
         self._take_login = self.client.register_script(_TAKE_LOGIN)
