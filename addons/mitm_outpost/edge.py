@@ -88,12 +88,6 @@ class StrictHttp1Server(_http1.Http1Server):
             yield commands.CloseConnection(self.conn)
             self.state = self.done
 
-    def start(self, _: events.Start) -> layer.CommandGenerator[None]:
-        self.state = self.read_headers
-        yield from self.start_head_timer()
-
-    state = start  # Http1Connection's `state = start` would bind its own
-
     def start_head_timer(self) -> layer.CommandGenerator[None]:
         self.head_timer = commands.RequestWakeup(self.limits.header_timeout)
         yield self.head_timer
@@ -118,8 +112,6 @@ class StrictHttp1Server(_http1.Http1Server):
             yield commands.CloseConnection(self.conn)  # never log what a client left unfinished
             return
         assert isinstance(event, events.DataReceived)
-        if self.head_timer is None:  # the first byte of a later request on a kept-alive connection
-            yield from self.start_head_timer()
         for _ in range(MAX_LEADING_EMPTY_LINES):
             if bytes(self.buf)[:2] != b"\r\n":
                 break
@@ -129,6 +121,8 @@ class StrictHttp1Server(_http1.Http1Server):
         if end < 0:
             if refusal := incomplete_head_violation(pending, self.limits):
                 yield from self.refuse(refusal)
+            elif self.head_timer is None:  # a head in pieces: from now on it has outpost_header_timeout
+                yield from self.start_head_timer()
             return
         head = bytes(self.buf.maybe_extract_at_most(end + 4) or b"")
         if refusal := head_violation(head, self.limits):
