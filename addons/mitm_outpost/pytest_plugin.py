@@ -76,8 +76,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def free_port() -> int:
+    """A port free on every address: the outpost listens on all of them, and test servers on other
+    loopback addresses (127.0.0.2, ...) would otherwise hold a port that 127.0.0.1 reports free."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
