@@ -234,7 +234,7 @@ def user_claims(username: str, *, groups: Iterable[str] = (), entitlements: Iter
     return result
 
 
-class _HostMap(httpx2.HTTPTransport):
+class HostMap(httpx2.HTTPTransport):
     """Sends requests for the given host names to 127.0.0.1, keeping the name for Host and cookies."""
 
     def __init__(self, hosts: Iterable[str], **kwargs: Any) -> None:
@@ -315,7 +315,7 @@ class OutpostSetup:
         """A browser-like client (asks for HTML, keeps cookies, does not follow redirects) on `url`."""
         headers = {"Accept": "text/html", **dict(kwargs.pop("headers", None) or {})}
         return httpx2.Client(base_url=self.url, headers=headers, follow_redirects=kwargs.pop("follow_redirects", False),
-                             timeout=kwargs.pop("timeout", 15), transport=_HostMap(self.hosts), **kwargs)
+                             timeout=kwargs.pop("timeout", 15), transport=HostMap(self.hosts), **kwargs)
 
     def login(self, client: httpx2.Client, username: str, claims: Mapping[str, Any], next_path: str = "/") -> httpx2.Response:
         """Declare the user at the IdP, then the real flow: start -> IdP authorize -> login form -> callback.

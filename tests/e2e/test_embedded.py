@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from websockets.sync.client import connect
 
 from mitm_outpost import names
+from mitm_outpost.pytest_plugin import HostMap
 from tests.e2e.test_authentik_source import ApiOutpost, eventually, login, provider, seen
 from tests.support.authentik_api import (
     ACK,
@@ -187,18 +188,6 @@ def upload_head(host: str, length: int, path: str = "/upload/") -> bytes:
 def megabytes(n: int) -> Iterator[bytes]:
     for _ in range(n):
         yield b"u" * MB
-
-
-class LoopbackTransport(httpx2.HTTPTransport):
-    """Every host name is this machine (the cookie jar still sees the names the browser used)."""
-
-    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        original = request.url
-        request.url = original.copy_with(host="127.0.0.1")
-        try:
-            return super().handle_request(request)
-        finally:
-            request.url = original
 
 
 def follow_login(client: httpx2.Client, url: str, idp: str, user: str = "alice") -> httpx2.Response:
@@ -585,7 +574,7 @@ def test_forward_auth_through_nginx_at_the_embedded_outpost(embedded: EmbeddedOu
     values = standard_values(port=nginx_port, outpost=("127.0.0.1", embedded.port), upstream=(up.hostname, up.port),
                              domain="example.test", cookie_name=names.cookie_name("fwd-client"))
     with proxy_for("nginx-single.conf", tempfile.mkdtemp(prefix="embedded-nginx-"), values):
-        client = httpx2.Client(transport=LoopbackTransport(), follow_redirects=False, headers={"Accept": "text/html"},
+        client = httpx2.Client(transport=HostMap({FWD}), follow_redirects=False, headers={"Accept": "text/html"},
                                timeout=15)
         url = f"http://{FWD}:{nginx_port}/headers?x=1"
         final = follow_login(client, url, idp)
