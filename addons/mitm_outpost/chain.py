@@ -45,6 +45,7 @@ from .routing import Routing
 from .sanitize import Sanitize
 from .session_check import SessionCheck, store_unavailable
 from .sessions import StoreUnavailable
+from .turns import Turns
 from .upstream import Upstream
 
 logger = logging.getLogger("mitm_outpost")
@@ -208,5 +209,6 @@ def build(registry: Registry | None = None, interactive: bool = True) -> Chain:
         SessionCheck(registry),  # 4. cookie -> session
         HeaderAuth(registry),  # 4b. or Authorization: Bearer/Basic -> session
         Gate(registry),  # 5-6. the verdict over the facts above: allow, skip, login, redirect or deny
+        Turns(),  # answers without a session wait their turn: a flood of them cannot crowd out signed-in users
         Upstream(registry),  # 7-8. the last gate; backend, forwarding and identity headers
     ])
