@@ -59,6 +59,7 @@ import argparse
 import asyncio
 import os
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -71,6 +72,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx2
 import mitmproxy.version
@@ -163,9 +165,29 @@ def wait_http(url: str, procs: Processes, proc: subprocess.Popen, expect: int = 
     sys.exit(f"{url} did not answer {expect} within {timeout:.0f} s:\n{procs.log_tail(proc.name)}")  # type: ignore[attr-defined]
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (fields[1] is the parent's pid), None once it has gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    """CPU time of a process and of all its descendants: utime + stime, and cutime + cstime of the children
+    it has reaped. Apache's work is done by the children of its master; a single-process server (mitmdump,
+    the runner) has none, so for it this is its own time. (No /proc/<pid>/task/*/children here: /proc is walked.)"""
+    parents: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))):
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        if fields := _stat_fields(p):
+            total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+            todo += parents.get(p, [])
+    return total / CLK_TCK
 
 
 # ---------------------------------------------------------------- upstream
@@ -478,19 +500,21 @@ providers:
 """
 
 
+def follow(response: httpx2.Response, expect: str) -> str:
+    """The absolute Location of a login step's answer, which must be a 302 to a URL containing `expect`."""
+    location = urllib.parse.urljoin(str(response.url), response.headers.get("location", ""))
+    if response.status_code != 302 or expect not in location:
+        sys.exit(f"login: {response.request.method} {response.url} answered {response.status_code} "
+                 f"-> {location!r}, expected a 302 to ...{expect}...\n{response.text[:500]}")
+    return location
+
+
 def log_in(origin: str, transport: httpx2.BaseTransport | None = None) -> str:
     """Sign in as alice like a browser would and return the `Cookie:` value of the session.
 
     protected URL -> 302 /outpost.goauthentik.io/start -> 302 IdP authorize -> POST sub=alice
     -> 302 our callback -> 302 back to the protected URL.
     """
-    def follow(response: httpx2.Response, expect: str) -> str:
-        location = urllib.parse.urljoin(str(response.url), response.headers.get("location", ""))
-        if response.status_code != 302 or expect not in location:
-            sys.exit(f"login: {response.request.method} {response.url} answered {response.status_code} "
-                     f"-> {location!r}, expected a 302 to ...{expect}...\n{response.text[:500]}")
-        return location
-
     with httpx2.Client(follow_redirects=False, timeout=10, transport=transport) as browser:
         html = {"Accept": "text/html"}
         start = follow(browser.get(origin + "/bench", headers=html), "/outpost.goauthentik.io/start")
@@ -558,6 +582,40 @@ def combine(slices: list[Result], seconds: int) -> Result:
                   first.server, requests)
 
 
+class Ratio(NamedTuple):
+    """A row of the ratio table: req/s of setup `num` over setup `den` (keys of the rounds), printed when
+    both were measured; `target` (and the stretch `goal`) marked ✓ or ✗, or none ("–")."""
+    label: str
+    num: str
+    den: str
+    target: float | None = None
+    goal: float | None = None
+
+
+# The ratios printed after the hand-made rows of report(); a new setup's ratio is one line here.
+RATIOS = (
+    Ratio("lean runner, signed in / bare mitmdump -q", "lean", "bare", 1.5, 2.0),
+    Ratio("lean runner, no auth (skip rule) / bare mitmdump -q", "lean_skip", "bare"),
+    Ratio("lean runner, access log json / access log off", "lean_log", "lean"),
+    Ratio("lean runner, signed in / outpost under mitmdump", "lean", "outpost"),
+    Ratio("nginx auth_request: lean runner / bare mitmdump", "fwd_lean", "fwd_bare", 2.0),
+    Ratio("nginx auth_request: outpost (lean runner) / Apache", "fwd_lean", "fwd_apache"),
+    Ratio("outpost (lean runner, proxy mode) / Apache proxy mode", "lean", "apache"),
+)
+
+
+def ratio_line(ratio: Ratio, rounds: dict[str, list[Result]], results: dict[str, Result]) -> str:
+    """`| label | median ratio | per round | target |`: the ratio of the medians, then round by round."""
+    value = results[ratio.num].rps / results[ratio.den].rps
+    per = ", ".join(f"{a.rps / b.rps:.2f}" for a, b in zip(rounds[ratio.num], rounds[ratio.den]))
+    if ratio.target is None:
+        mark = "–"
+    else:
+        mark = f">= {ratio.target:.1f}" + (f" (goal >= {ratio.goal:.1f})" if ratio.goal else "") + " " + (
+            "✓✓" if ratio.goal and value >= ratio.goal else "✓" if value >= ratio.target else "✗ missed")
+    return f"| {ratio.label} | {value:.2f} | {per} | {mark} |"
+
+
 def report(rounds: dict[str, list[Result]], info: dict[str, str], short: bool = False) -> None:
     """Each setup's median round; the ratios of medians, and per round when there are several."""
     results = {key: median(rs) for key, rs in rounds.items()}
@@ -571,9 +629,11 @@ def report(rounds: dict[str, list[Result]], info: dict[str, str], short: bool = 
         cpu_ms = 1000 * r.cpu / r.rps if r.cpu else None
         print(f"| {r.name} | {r.rps:,.0f} | {fmt(r.p50_ms, '.2f', ' ms')} | {fmt(r.p99_ms, '.2f', ' ms')} "
               f"| {fmt(r.cpu, '.2f')} | {fmt(cpu_ms, '.2f', ' ms')} | {r.errors or 'none'} |")
-    if "fwd_outpost" in results:
-        print("\nForward-auth rows: req/s through nginx, proxy CPU = the auth server's (outpost or bare mitmdump), "
-              "not nginx's.")
+    if any(key.startswith("fwd_") for key in results):
+        print("\nForward-auth rows: req/s through nginx, proxy CPU = the auth server's (outpost, bare mitmdump or "
+              "Apache), not nginx's.")
+    if "apache" in results or "fwd_apache" in results:
+        print("Apache rows: proxy CPU = Apache's master and its child processes (the event MPM serves from the children).")
     ratio = outpost.rps / bare.rps
     per_round = ", ".join(f"{o.rps / b.rps:.2f}" for o, b in zip(rounds["outpost"], rounds["bare"]))
     print("\n| ratio (req/s) | value | per round | target |")
@@ -594,23 +654,9 @@ def report(rounds: dict[str, list[Result]], info: dict[str, str], short: bool = 
         mark = "✓✓" if fwd >= 2.0 else "✓" if fwd >= 1.0 else "✗"
         print(f"| nginx auth_request: outpost / bare mitmdump | {fwd:.2f} | {per_round} "
               f"| >= 1.0 (goal >= 2.0) {mark} |")
-    def ratio_row(label: str, num: str, den: str, target: float | None = None, goal: float | None = None) -> None:
-        if num not in results or den not in results:
-            return
-        value = results[num].rps / results[den].rps
-        per = ", ".join(f"{a.rps / b.rps:.2f}" for a, b in zip(rounds[num], rounds[den]))
-        if target is None:
-            mark = "–"
-        else:
-            mark = f">= {target:.1f}" + (f" (goal >= {goal:.1f})" if goal else "") + " " + (
-                "✓✓" if goal and value >= goal else "✓" if value >= target else "✗ missed")
-        print(f"| {label} | {value:.2f} | {per} | {mark} |")
-
-    ratio_row("lean runner, signed in / bare mitmdump -q", "lean", "bare", 1.5, 2.0)
-    ratio_row("lean runner, no auth (skip rule) / bare mitmdump -q", "lean_skip", "bare")
-    ratio_row("lean runner, access log json / access log off", "lean_log", "lean")
-    ratio_row("lean runner, signed in / outpost under mitmdump", "lean", "outpost")
-    ratio_row("nginx auth_request: lean runner / bare mitmdump", "fwd_lean", "fwd_bare", 2.0)
+    for ratio in RATIOS:
+        if ratio.num in results and ratio.den in results:
+            print(ratio_line(ratio, rounds, results))
     print(f"| bare mitmdump / direct | {bare.rps / direct.rps:.4f} | | – |")
     print(f"| outpost / direct | {outpost.rps / direct.rps:.4f} | | – |")
     if "lean" in results:
@@ -1338,6 +1384,203 @@ def start_forward_auth(procs: Processes, tmp: Path, nginx: str, mitmdump: str, c
         check_proxied(fwd.url, fwd.headers)
         print(f"{fwd.label}: signed in as {USER} through nginx at app.{FORWARD_DOMAIN}:{front}, "
               f"upstream answers 'hello {USER}'", flush=True)
+    return setups
+
+
+# ---------------------------------------------------------------- Apache httpd + mod_auth_openidc (the peer)
+
+# Apache with mod_auth_openidc (Debian: apache2, libapache2-mod-auth-openidc) is what an administrator who
+# wants OIDC in front of an app picks today: the bench runs it next to the outpost, at the same dev IdP, in
+# front of the same upstream, behind the same nginx for forward auth.
+APACHE_MODULE_DIRS = ("/usr/lib/apache2/modules", "/usr/lib64/httpd/modules", "/usr/lib/httpd/modules")
+# LoadModule for each one found in the module directory; the others are compiled in (Debian: unixd).
+APACHE_MODULES = ("mpm_event", "unixd", "authn_core", "authz_core", "headers", "alias", "rewrite", "proxy",
+                  "proxy_http", "auth_openidc")
+APACHE_SESSION_COOKIE = "mod_auth_openidc_session"
+APACHE_CALLBACK = "/outpost.goauthentik.io/callback"  # OIDCRedirectURI, relative (the request's host), as the outpost's
+
+# Production-like: Debian's mpm_event.conf and apache2.conf values, except MaxKeepAliveRequests (100 there):
+# unlimited, as nginx's keepalive_requests and mitmproxy here, so that no row alone reconnects every 100
+# requests. No access log (as nginx's access_log off and outpost_access_log=off). The children run as
+# nobody, as nginx's workers; ErrorLog to stderr, which Processes keeps in the bench's temp dir.
+APACHE_MAIN = """\
+# scripts/bench.py: a private Apache in the foreground, its state under {dir}
+ServerRoot {dir}
+DefaultRuntimeDir {dir}
+PidFile {dir}/httpd.pid
+ErrorLog /dev/stderr
+LogLevel warn
+Listen {host}:{port}
+ServerName {host}
+User nobody
+Group nogroup
+{modules}
+StartServers 2
+MinSpareThreads 25
+MaxSpareThreads 75
+ThreadLimit 64
+ThreadsPerChild 25
+MaxRequestWorkers 150
+MaxConnectionsPerChild 0
+Timeout 300
+KeepAlive On
+KeepAliveTimeout 5
+MaxKeepAliveRequests 0
+
+OIDCProviderMetadataURL http://{host}:{idp}/.well-known/openid-configuration
+OIDCClientID {client}
+OIDCClientSecret bench-secret
+OIDCRedirectURI {callback}
+OIDCCryptoPassphrase {passphrase}
+OIDCScope "openid profile email"
+OIDCRemoteUserClaim preferred_username
+OIDCSessionType server-cache
+OIDCCacheType shm
+# the outpost's sessions here last access_token_validity (3600 s); mod_auth_openidc's default is 300 s idle
+OIDCSessionInactivityTimeout 3600
+OIDCPassClaimsAs headers
+{locations}"""
+
+APACHE_PROXY = """\
+<Location />
+    AuthType openid-connect
+    Require valid-user
+    # the upstream answers `hello <X-authentik-username>`: the signed-in user, as the outpost sends it
+    RequestHeader set X-authentik-username "expr=%{{REMOTE_USER}}"
+</Location>
+ProxyPass / http://{host}:{upstream}/
+"""
+
+# For nginx auth_request with docs/forward-auth/nginx-single.conf unchanged: it asks
+# /outpost.goauthentik.io/auth/nginx and copies X-authentik-* of a 2xx answer to the upstream request; a 401
+# sends the browser to /outpost.goauthentik.io/start?rd=<URL>. The 200 is an empty file: /dev/null, which
+# every child can read (the bench's temp dir is root's alone).
+APACHE_FORWARD = """\
+Alias /outpost.goauthentik.io/auth/nginx /dev/null
+<Location /outpost.goauthentik.io/auth/nginx>
+    AuthType openid-connect
+    OIDCUnAuthAction 401
+    Require valid-user
+    OIDCPassClaimsAs environment
+    Header set X-authentik-username "expr=%{{REMOTE_USER}}"
+    Header set X-authentik-uid "%{{OIDC_CLAIM_sub}}e"
+    Header set X-authentik-email "%{{OIDC_CLAIM_email}}e"
+    Header set X-authentik-name "%{{OIDC_CLAIM_name}}e"
+    Header set X-authentik-groups "%{{OIDC_CLAIM_groups}}e"
+</Location>
+# a login, then back to rd, a path of this host only
+<Location /outpost.goauthentik.io/start>
+    AuthType openid-connect
+    Require valid-user
+    RewriteEngine On
+    RewriteCond "%{{HTTP_HOST}}#%{{QUERY_STRING}}" "^([^#]*)#(?:.*&)?rd=https?://\\1(/[^&]*)"
+    RewriteRule ^ %2 [R=302,L,NE,QSD]
+</Location>
+<Location {callback}>
+    AuthType openid-connect
+    Require valid-user
+</Location>
+"""
+
+
+def find_apache() -> tuple[str, Path] | None:
+    """apache2 (Debian) or httpd, and the module directory that holds mod_auth_openidc.so."""
+    binary = next(filter(None, (shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+                                for name in ("apache2", "httpd"))), None)
+    modules = next((Path(d) for d in APACHE_MODULE_DIRS if (Path(d) / "mod_auth_openidc.so").exists()), None)
+    return (binary, modules) if binary and modules else None
+
+
+def apache_version(apache: str) -> str:
+    """`Apache/2.4.x (Debian), mod_auth_openidc <version>` (the module's from dpkg, where there is one)."""
+    server = subprocess.run([apache, "-v"], capture_output=True, text=True).stdout
+    server = re.search(r"Server version:\s*(.+)", server)
+    dpkg = shutil.which("dpkg-query")
+    module = subprocess.run([dpkg, "-W", "-f", "${Version}", "libapache2-mod-auth-openidc"], capture_output=True,
+                            text=True).stdout.strip() if dpkg else ""
+    return f"{server.group(1).strip() if server else 'Apache httpd'}, mod_auth_openidc {module or '(version unknown)'}"
+
+
+def start_apache(procs: Processes, tmp: Path, name: str, apache: str, modules: Path, port: int, idp_port: int,
+                 locations: str) -> tuple[subprocess.Popen, list[str]]:
+    """One Apache (`-DFOREGROUND`, event MPM: a master and its child processes) with APACHE_MAIN and the given
+    locations, its state under tmp/name, client `<name>-client` at the dev IdP (which takes any client)."""
+    d = tmp / name
+    d.mkdir()
+    loads = "\n".join(f"LoadModule {m}_module {modules / f'mod_{m}.so'}" for m in APACHE_MODULES
+                      if (modules / f"mod_{m}.so").exists())
+    conf = d / "httpd.conf"
+    conf.write_text(APACHE_MAIN.format(dir=d, host=HOST, port=port, modules=loads, idp=idp_port, client=f"{name}-client",
+                                       callback=APACHE_CALLBACK, passphrase=secrets.token_urlsafe(32),
+                                       locations=locations))
+    argv = [apache, "-f", str(conf), "-DFOREGROUND"]
+    return procs.start(name, argv), argv
+
+
+def log_in_apache(origin: str, sign_in: str = "", transport: httpx2.BaseTransport | None = None) -> str:
+    """Sign in as alice at Apache's mod_auth_openidc like a browser would and return the `Cookie:` value of
+    its session.
+
+    protected URL [-> 302 `sign_in` (nginx's answer to the auth location's 401)] -> 302 IdP authorize, with
+    Apache's state cookie -> POST sub=alice -> 302 Apache's redirect URI with code and state -> Apache redeems
+    the code, keeps the session in its shm cache, 302 to where the login began [-> 302 rd] -> the protected
+    URL answers 'hello alice' (the upstream, as alice).
+    """
+    with httpx2.Client(follow_redirects=False, timeout=10, transport=transport) as browser:
+        html = {"Accept": "text/html"}
+        began = origin + "/bench"
+        if sign_in:
+            began = follow(browser.get(began, headers=html), sign_in)
+        authorize = follow(browser.get(began, headers=html), "/authorize")
+        if not any(c.name.startswith("mod_auth_openidc_state_") for c in browser.cookies.jar):
+            sys.exit(f"login: {began} sent no state cookie mod_auth_openidc_state_<state> with its redirect to the IdP")
+        callback = follow(browser.post(authorize, data={"sub": USER}, headers=html), APACHE_CALLBACK)
+        back = follow(browser.get(callback, headers=html), began)
+        if sign_in:
+            back = follow(browser.get(back, headers=html), origin + "/bench")
+        r = browser.get(back, headers=html)
+        if r.status_code != 200 or r.text.strip() != f"hello {USER}":
+            sys.exit(f"login: {back} answered {r.status_code} {r.text[:200]!r} after the login, expected 'hello {USER}'")
+        cookies = [f"{c.name}={c.value}" for c in browser.cookies.jar if c.name == APACHE_SESSION_COOKIE]
+    if len(cookies) != 1:
+        sys.exit(f"login: expected one session cookie {APACHE_SESSION_COOKIE}, got {cookies}")
+    return cookies[0]
+
+
+def start_apache_setups(procs: Processes, tmp: Path, apache: str, modules: Path, nginx: str | None, up_port: int,
+                        idp_port: int) -> dict[str, Setup]:
+    """Apache + mod_auth_openidc twice, each its own process, signed in at the dev IdP like a browser: in proxy
+    mode in front of the upstream (`apache`), and, when nginx is installed, as the auth server of nginx
+    auth_request with the nginx config of the outpost's forward-auth rows (`fwd_apache`)."""
+    port = free_port()
+    proc, argv = start_apache(procs, tmp, "apache", apache, modules, port, idp_port,
+                              APACHE_PROXY.format(host=HOST, upstream=up_port))
+    origin = f"http://{HOST}:{port}"
+    wait_http(origin + "/bench", procs, proc, expect=302)  # no session: to the IdP (metadata fetched by now)
+    cookie = log_in_apache(origin)
+    setups = {"apache": Setup("Apache mod_auth_openidc, proxy mode (signed in)", origin + "/bench", argv, proc.pid,
+                              (f"Cookie: {cookie}",))}
+    check_proxied(setups["apache"].url, setups["apache"].headers)
+    print(f"Apache proxy mode: signed in as {USER} at the dev IdP, session cookie {APACHE_SESSION_COOKIE}, "
+          f"upstream answers 'hello {USER}'", flush=True)
+    if not nginx:
+        print("nginx not installed: no nginx auth_request → Apache row", flush=True)
+        return setups
+    port, front = free_port(), free_port()
+    proc, argv = start_apache(procs, tmp, "fwd_apache", apache, modules, port, idp_port,
+                              APACHE_FORWARD.format(callback=APACHE_CALLBACK))
+    wait_http(f"http://{HOST}:{port}/outpost.goauthentik.io/auth/nginx", procs, proc, expect=401)
+    nginx_proc, nginx_argv = start_nginx(procs, tmp, "nginx-fwd_apache", nginx, forward_auth_servers(front, port, up_port))
+    host = (f"Host: app.{FORWARD_DOMAIN}:{front}",)
+    wait_http(f"http://{HOST}:{front}/outpost.goauthentik.io/auth/nginx", procs, nginx_proc, expect=401)  # nginx -> Apache
+    check_redirect(f"http://{HOST}:{front}/bench", host, "/outpost.goauthentik.io/start")  # no cookie: 401 -> sign-in
+    cookie = log_in_apache(f"http://app.{FORWARD_DOMAIN}:{front}", "/outpost.goauthentik.io/start", LoopbackTransport())
+    fwd = Setup("nginx auth_request → Apache mod_auth_openidc", f"http://{HOST}:{front}/bench", argv, proc.pid,
+                (f"Cookie: {cookie}", *host), nginx_argv)
+    check_proxied(fwd.url, fwd.headers)
+    print(f"{fwd.label}: the auth location answers 401 without a session; signed in as {USER} through nginx at "
+          f"app.{FORWARD_DOMAIN}:{front}, upstream answers 'hello {USER}'", flush=True)
+    setups["fwd_apache"] = fwd
     return setups
 
 

@@ -31,7 +31,7 @@ async def run(args: argparse.Namespace) -> int:
     opts = options.Options()
     master = Master(opts)
     check = errorcheck.ErrorCheck(repeat_errors_on_stderr=True)
-    outpost = chain.build(interactive=False)
+    outpost = chain.build(interactive=False, fast_lane=True)
     # mitmdump's order: the outpost's tls_start_server sees a server connection before TlsConfig.
     master.addons.add(proxyserver.Proxyserver(), outpost, next_layer.NextLayer(), tlsconfig.TlsConfig(), check)
     try:

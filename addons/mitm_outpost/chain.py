@@ -36,6 +36,7 @@ from .decision import Outcome, decide, exchange_of
 from .edge import Edge
 from .embedded import Embedded
 from .endpoints import Endpoints
+from .fast_lane import FastLane
 from .gate import Gate
 from .header_auth import HeaderAuth
 from .lifecycle import Lifecycle
@@ -189,17 +190,19 @@ def refuse_after_failure(flow: http.HTTPFlow, hook: Hook, error: Exception) -> N
     decide(flow, Outcome.DENIED, "step_failed", f"{hook.__qualname__} failed ({type(error).__name__}); refused", logging.ERROR)
 
 
-def build(registry: Registry | None = None, interactive: bool = True) -> Chain:
+def build(registry: Registry | None = None, interactive: bool = True, fast_lane: bool = False) -> Chain:
     """`interactive`: mitmdump/mitmweb/mitmproxy, with the debugging commands and views; the
-    lean production runner builds the chain without them."""
+    lean production runner builds the chain without them, and with `fast_lane` it serves the
+    outpost's ports itself (fast_lane.py)."""
     registry = registry or Registry()
     debugging = [Commands(registry)] if interactive else []  # outpost.* commands, JWT and identity views
-    return Chain([*debugging,
+    lane = [FastLane()] if fast_lane else []
+    outpost = Chain([*debugging,
         Edge(),  # the strict HTTP/1 server and its limits, in place of mitmproxy's lenient one
         FileSource(registry),  # mitm_config.yaml -> providers; the session store
         AuthentikSource(registry),  # or/and providers from the authentik API (AUTHENTIK_HOST, AUTHENTIK_TOKEN)
         Embedded(registry),  # optional: the authentik server behind everything that is not the outpost's
-        Listeners(registry),  # ports 9000/9443, certificates
+        Listeners(registry, mitmproxy_listens=not fast_lane),  # ports 9000/9443, certificates
         Metrics(registry),  # port 9300: /metrics, /ping; request metrics
         Lifecycle(registry),  # SIGHUP reloads the configuration, SIGTERM drains
         AccessLog(interactive),  # one structured line per request
@@ -211,4 +214,8 @@ def build(registry: Registry | None = None, interactive: bool = True) -> Chain:
         Gate(registry),  # 5-6. the verdict over the facts above: allow, skip, login, redirect or deny
         Turns(),  # answers without a session wait their turn: a flood of them cannot crowd out signed-in users
         Upstream(registry),  # 7-8. the last gate; backend, forwarding and identity headers
+        *lane,  # the production runner's listeners: forward-auth checks and endpoints answered without mitmproxy's layers
     ])
+    for member in lane:
+        member.chain = outpost
+    return outpost

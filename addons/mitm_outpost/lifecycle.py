@@ -80,7 +80,8 @@ class Lifecycle:
             return
         self.draining = True
         logger.info("SIGTERM: no new connections; waiting for %d request(s) in flight", self.in_flight)
-        ctx.options.update(mode=[])  # closes the listeners; open connections go on
+        # Closes the listeners (mitmproxy's, and the production runner's own); open connections go on.
+        ctx.options.update(mode=[], outpost_http_port=0, outpost_https_port=0)
         if self.in_flight:
             try:
                 await asyncio.wait_for(self.idle.wait(), ctx.options.outpost_drain_timeout)

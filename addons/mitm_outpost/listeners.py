@@ -30,8 +30,9 @@ DEFAULT_CERT_FILE = "outpost-default-cert.pem"
 
 
 class Listeners:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, mitmproxy_listens: bool = True) -> None:
         self.registry = registry
+        self.mitmproxy_listens = mitmproxy_listens  # else the production runner's fast lane binds the ports
         self.fallback: tuple[Path, list[str]] | None = None  # the fallback certificate last written, and its hosts
         registry.on_change.append(self.providers_changed)
 
@@ -68,6 +69,8 @@ class Listeners:
         ctx.options.changed.send(updated={"mode"})
 
     def modes(self) -> list[str]:
+        if not self.mitmproxy_listens:
+            return []
         host = ctx.options.outpost_listen_host
         at = f"{host}:" if host else ""
         ports = [ctx.options.outpost_http_port, ctx.options.outpost_https_port]

@@ -15,7 +15,7 @@ import httpx2
 import pytest
 
 from mitm_outpost import names
-from tests.support.processes import Outpost, free_port
+from tests.support.processes import RUNNERS, Outpost, free_port
 from tests.support.proxies import FORWARD_AUTH_CONFIGS, ProxyProcess, proxy_for, require_or_skip, standard_values
 
 DOMAIN = "example.test"
@@ -84,9 +84,10 @@ def received(response: httpx2.Response) -> dict[str, list[str]]:
     return seen
 
 
-@pytest.fixture(scope="module", params=list(FORWARD_AUTH_CONFIGS))
+@pytest.fixture(scope="module", params=[(t, tool) for t in FORWARD_AUTH_CONFIGS for tool in RUNNERS],
+                ids=[f"{t}-{tool}" for t in FORWARD_AUTH_CONFIGS for tool in RUNNERS])
 def setup(request: pytest.FixtureRequest, idp: str, upstream: str) -> Iterator[Setup]:
-    template: str = request.param
+    template, tool = request.param
     require_or_skip(PROGRAMS[template.split("-")[0]])
     mode = FORWARD_AUTH_CONFIGS[template][1]
     proxy_port, outpost_port = free_port(), free_port()
@@ -102,7 +103,7 @@ def setup(request: pytest.FixtureRequest, idp: str, upstream: str) -> Iterator[S
     up = urllib.parse.urlsplit(upstream)
     values = standard_values(port=proxy_port, outpost=("127.0.0.1", outpost_port), upstream=(up.hostname, up.port),
                              domain=DOMAIN, cookie_name=names.cookie_name(client_id))
-    with Outpost([entry], outpost_port) as outpost:
+    with Outpost([entry], outpost_port, tool=tool) as outpost:
         with proxy_for(template, tempfile.mkdtemp(prefix="fwd-"), values) as proxy:
             yield Setup(template, mode, proxy, outpost, idp)
 

@@ -11,14 +11,16 @@ import tempfile
 from pathlib import Path
 
 import httpx2
+import pytest
 
 from mitm_outpost.listeners import write_self_signed
 from tests.e2e.test_forward_auth import LoopbackTransport
-from tests.support.processes import Outpost, free_port
+from tests.support.processes import RUNNERS, Outpost, free_port
 from tests.support.proxies import DOCS_DIR, Nginx, render_text, require_or_skip
 
 
-def test_seed_004_nginx_standalone(idp: str, upstream: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tool", RUNNERS)
+def test_seed_004_nginx_standalone(idp: str, upstream: str, tmp_path: Path, tool: str) -> None:
     require_or_skip("nginx")
     tls_port, outpost_port = free_port(), free_port()
     text = (DOCS_DIR / "seed/004-nginx-standalone.conf").read_text()
@@ -29,7 +31,7 @@ def test_seed_004_nginx_standalone(idp: str, upstream: str, tmp_path: Path) -> N
     text = text.replace("# proxy_pass          http://localhost:5000;", f"proxy_pass          {upstream};")
     entry = {"name": "seed", "mode": "forward_single", "external_host": f"https://app.example.test:{tls_port}",
              "client_id": "seed", "client_secret": "seed-secret", "issuer": idp}
-    with Outpost([entry], outpost_port), Nginx(text, tempfile.mkdtemp(prefix="seed-"), port=tls_port):
+    with Outpost([entry], outpost_port, tool=tool), Nginx(text, tempfile.mkdtemp(prefix="seed-"), port=tls_port):
         client = httpx2.Client(transport=LoopbackTransport(verify=False), follow_redirects=False,
                                headers={"Accept": "text/html"}, timeout=15)
         target = f"https://app.example.test:{tls_port}/headers?x=1"
@@ -45,7 +47,8 @@ def test_seed_004_nginx_standalone(idp: str, upstream: str, tmp_path: Path) -> N
         assert seen["x-auth-username"] == "alice" and seen["x-forwarded-email"] == "alice@example.test"
 
 
-def test_seed_002_nginx_needs_only_its_undefined_variable(idp: str, upstream: str) -> None:
+@pytest.mark.parametrize("tool", RUNNERS)
+def test_seed_002_nginx_needs_only_its_undefined_variable(idp: str, upstream: str, tool: str) -> None:
     """seed 002's nginx block uses `$escaped_request_uri`, which nginx does not have: as printed,
     nginx refuses it. Defined (a one-line map), the rest works as printed: `auth_request
     /akprox/auth?nginx` (which nginx sends as `/akprox/auth%3Fnginx`), /akprox/start and the callback."""
@@ -64,7 +67,7 @@ def test_seed_002_nginx_needs_only_its_undefined_variable(idp: str, upstream: st
     defined = "map $request_uri $escaped_request_uri { default $request_uri; }\n" + server
     entry = {"name": "seed002", "mode": "forward_single", "external_host": f"http://app.example.test:{port}",
              "client_id": "seed002", "client_secret": "seed-secret", "issuer": idp}
-    with Outpost([entry], outpost_port), Nginx(defined, tempfile.mkdtemp(prefix="seed-"), port=port):
+    with Outpost([entry], outpost_port, tool=tool), Nginx(defined, tempfile.mkdtemp(prefix="seed-"), port=port):
         client = httpx2.Client(transport=LoopbackTransport(), follow_redirects=False, headers={"Accept": "text/html"}, timeout=15)
         target = f"http://app.example.test:{port}/headers"
         # The seed puts `error_page 401` in the /akprox location, not in `/`: the browser gets the 401 itself.

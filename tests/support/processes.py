@@ -89,6 +89,11 @@ def provider_entry(name: str, outpost_port: int, upstream: str, issuer: str, **f
     }
 
 
+# The production runner (its fast lane answers forward-auth checks without mitmproxy's layers) and
+# mitmdump (every request a mitmproxy flow): forward-auth tests run against both and expect the same.
+RUNNERS = ("lean", "mitmdump")
+
+
 class Outpost(Process):
     """The outpost with a config written for this test: `mitmdump -s addons/outpost.py`, mitmweb,
     or (tool="lean") the production runner `python -m mitm_outpost`."""
