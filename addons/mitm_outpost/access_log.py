@@ -66,6 +66,8 @@ class AccessLog:
             line["upstream_ms"] = round((response.timestamp_start - request.timestamp_end) * 1000, 2)
         if incomplete:
             line["incomplete"] = True
+        if lane := record.get("lane"):
+            line["lane"] = lane  # answered by the production runner's fast lane, not through mitmproxy's layers
         if style == "json":
             access_logger.info(json.dumps(line, separators=(",", ":")))
         else:

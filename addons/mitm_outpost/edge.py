@@ -145,6 +145,8 @@ class StrictHttp1Server(_http1.Http1Server):
         yield from self.state(event)
 
     def send(self, event: http_layers.HttpEvent) -> layer.CommandGenerator[None]:
+        if isinstance(event, ResponseData) and self.request is not None and self.request.method.upper() == "HEAD":
+            return  # an answer the outpost made has a body, but a HEAD answer never carries one (RFC 9110 §9.3.2)
         if isinstance(event, ResponseHeaders) and not self.request_done and event.response.status_code >= 200:
             event.response.headers["Connection"] = "close"  # answered before its body arrived (StrictHttpStream)
         answered_early = isinstance(event, ResponseEndOfMessage) and not self.request_done

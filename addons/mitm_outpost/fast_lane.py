@@ -33,7 +33,7 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy.mode_servers import ServerInstance
 
 from . import pages, workers
-from .decision import Outcome, decide
+from .decision import Outcome, decide, note
 from .edge import LINGER_SECONDS, MAX_LEADING_EMPTY_LINES, refusal_bytes
 from .edge_rules import HEADER_TIMEOUT, Limits, Refusal, framing_violation, head_violation, incomplete_head_violation
 from .forwarded import auth_kind
@@ -178,7 +178,7 @@ class Connection(asyncio.Protocol):
         del buf[:len(head) + size]
         self.head_since = None
         self.busy = True
-        keep_alive = parser.should_keep_alive()
+        keep_alive = not http1.connection_close(request.data.http_version, request.headers)  # mitmproxy's rule
         flow = http.HTTPFlow(self.client, self.lane.server_placeholder(), live=True)
         flow.request = request
         task = asyncio.ensure_future(self.lane.answer(flow))
@@ -197,9 +197,6 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         response = flow.response
-        if not keep_alive or http1.connection_close(response.data.http_version, response.headers):
-            response.headers["Connection"] = "close"
-            keep_alive = False
         if flow.request.method == "HEAD":
             self.transport.write(http1.assemble_response_head(response))
         else:
@@ -332,6 +329,7 @@ class FastLane:
         if flow.response is None:  # cannot happen for the paths above; if it does, nothing is proxied from here
             flow.response = pages.page(403, "Forbidden", "The outpost could not decide about this request.")
             decide(flow, Outcome.DENIED, "step_failed", "fast lane: no step answered an outpost endpoint", logging.ERROR)
+        note(flow, lane="fast")
         now = time.time()
         flow.response.timestamp_start = flow.response.timestamp_start or now
         flow.response.timestamp_end = now
