@@ -104,19 +104,27 @@ def _diagnose(head: bytes) -> str:
 
 
 def framing_violation(request: http.Request) -> str | None:
-    """Message framing and routing fields a proxy must refuse rather than guess (RFC 9112 §3.2, §6)."""
-    headers = request.headers
-    if len(headers.get_all("Host")) > 1:
+    """Message framing and routing fields a proxy must refuse rather than guess (RFC 9112 §3.2, §6).
+    One pass over the fields: each lookup by name would walk them all again."""
+    hosts, codings, lengths = 0, [], []
+    for name, value in request.headers.fields:
+        key = name.lower()
+        if key == b"host":
+            hosts += 1
+        elif key == b"transfer-encoding":
+            codings.append(value.strip().lower())
+        elif key == b"content-length":
+            lengths.append(value.strip())
+    if hosts > 1:
         return "multiple_host"
-    if request.http_version == "HTTP/1.1" and "Host" not in headers:
+    if not hosts and request.http_version == "HTTP/1.1":
         return "missing_host"
-    if "Transfer-Encoding" in headers:
-        if "Content-Length" in headers:
+    if codings:
+        if lengths:
             return "content_length_with_transfer_encoding"
-        if [v.strip().lower() for v in headers.get_all("Transfer-Encoding")] != ["chunked"]:
+        if codings != [b"chunked"]:
             return "transfer_encoding"
-    lengths = headers.get_all("Content-Length")
-    if len(lengths) > 1 or (lengths and not lengths[0].strip().isdigit()):
+    if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
         return "content_length"
     return None
 

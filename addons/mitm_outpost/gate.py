@@ -64,8 +64,11 @@ def facts_of(flow: http.HTTPFlow, exchange: Exchange) -> Facts:
                      backend_valid=session is None or not session.backend_error, **common)
     kind, original = exchange.forward
     target = original.origin_url if provider.mode is Mode.FORWARD_DOMAIN else (original.path or "")
+    # Where a login would return to matters only without a credential: not worth a URL parse per signed-in check.
+    needs_return = credential in (Credential.NONE, Credential.HEADER_FAILED)
     return Facts(check=kind, rule_match=original.normal and provider.is_skipped(target),
-                 return_url_known=bool(original.url) and provider.safe_redirect(original.url) is not None, **common)
+                 return_url_known=not needs_return or bool(original.url) and provider.safe_redirect(original.url) is not None,
+                 **common)
 
 
 class Gate:

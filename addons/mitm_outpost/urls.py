@@ -5,6 +5,7 @@ what the browser will do: `/\\evil.com`, tabs inside `//`, `https:evil.com` and 
 resolve to their real host before the host is compared.
 """
 
+import re
 import urllib.parse
 
 import ada_url
@@ -32,8 +33,11 @@ def host_keys(url: ada_url.URL) -> tuple[str, ...]:
     return (url.host, f"{url.hostname}:{default_port}") if not url.port else (url.host,)
 
 
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def has_control_chars(value: str) -> bool:
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
+    return _CONTROL_CHAR.search(value) is not None
 
 
 def safe_redirect(rd: str, external_origin: str, domain: str = "") -> str | None:
