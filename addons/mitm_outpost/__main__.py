@@ -15,16 +15,21 @@ from mitmproxy import exceptions, hooks, options
 from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from . import __version__, chain
+from . import __version__, chain, supervisor, workers
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mitm_outpost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", dest="setoptions", action="append", default=[], metavar="NAME=VALUE",
                         help="set an option, as with mitmdump (e.g. outpost_config=/etc/outpost.yaml)")
+    parser.add_argument("--workers", metavar="N", help="worker processes serving the same ports: a number, or auto "
+                        "(one per core); the option outpost_workers. More than 1 needs session_store: redis://...")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     parser.add_argument("--version", action="version", version=f"mitm-outpost {__version__}")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.workers is not None:
+        args.setoptions.append(f"outpost_workers={args.workers}")
+    return args
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -49,11 +54,22 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    try:
+        opts = supervisor.options(args.setoptions)
+        count = workers.count(opts.outpost_workers)
+    except exceptions.OptionsError as e:
+        print(f"mitm_outpost: {e}", file=sys.stderr)
+        sys.exit(2)
+    # With workers, every line says which process wrote it.
+    process = "[%(process)d] " if count > 1 else ""
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+                        format=f"%(asctime)s %(levelname)s {process}%(name)s %(message)s")
     for noisy in ("hpack", "asyncio", "mitmproxy.proxy.server", "mitmproxy.addons.proxyserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if count > 1 and not workers.is_worker():
+        sys.exit(supervisor.supervise(argv, opts, count))
     sys.exit(asyncio.run(run(args)))
 
 

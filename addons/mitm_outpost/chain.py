@@ -48,6 +48,7 @@ from .session_check import SessionCheck, store_unavailable
 from .sessions import StoreUnavailable
 from .turns import Turns
 from .upstream import Upstream
+from .workers import Workers
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -199,6 +200,7 @@ def build(registry: Registry | None = None, interactive: bool = True, fast_lane:
     lane = [FastLane()] if fast_lane else []
     outpost = Chain([*debugging,
         Edge(),  # the strict HTTP/1 server and its limits, in place of mitmproxy's lenient one
+        *([] if interactive else [Workers()]),  # --workers N: refuses a memory store before FileSource reads it
         FileSource(registry),  # mitm_config.yaml -> providers; the session store
         AuthentikSource(registry),  # or/and providers from the authentik API (AUTHENTIK_HOST, AUTHENTIK_TOKEN)
         Embedded(registry),  # optional: the authentik server behind everything that is not the outpost's

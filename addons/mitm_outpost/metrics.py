@@ -2,23 +2,30 @@
 
 It is a separate small asyncio server, not a mitmproxy mode, so scrapes never show up as
 flows and never walk the addon chain. Label values come from configuration only.
+
+A worker of `--workers N` binds no metrics port: the supervisor serves one for all workers
+(`serve`, here) from their multiprocess files, and /ping there needs every worker ready. So a
+worker writes its gauges that are read rather than counted (sessions, readiness) every
+`REFRESH` seconds.
 """
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import __version__, names
+from . import __version__, names, workers
 from .registry import Registry
 from .decision import METADATA_KEY
 from .listeners import listen_env
 from .prometheus_metrics import (
     CALLBACK_FAILURES, DECISIONS, INFO, LAST_UPDATE, LOGINS, PROMETHEUS, REQUESTS, ROUTES, SESSIONS, UPSTREAM,
+    WORKER_READY,
 )
 
 # Label values come from configuration or from short fixed lists, never from client input.
@@ -28,21 +35,30 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS",
 logger = logging.getLogger("mitm_outpost")
 
 PING_PATHS = frozenset(prefix + names.PING for prefix in names.ENDPOINT_PREFIXES)
+REFRESH = 0.5  # seconds between a worker's gauge updates
+
+
+def add_options(loader: Loader) -> None:
+    """The listener's options: the addon's, and the supervisor's, which serves the port for its workers."""
+    host, port = listen_env("AUTHENTIK_LISTEN__METRICS", 9300)
+    loader.add_option("metrics_port", int, port, "Port of the metrics listener: /metrics and /outpost.goauthentik.io/ping "
+                      "(0 turns it off; env AUTHENTIK_LISTEN__METRICS).")
+    loader.add_option("metrics_listen_host", str, host, "Address of the metrics listener (empty: all interfaces).")
 
 
 class Metrics:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        SESSIONS.set_function(lambda: registry.store.count())
+        if not workers.is_worker():  # multiprocess files hold values, not functions: a worker refreshes them
+            SESSIONS.set_function(lambda: registry.store.count())
         self.server: asyncio.Server | None = None
+        self.refresher: asyncio.Task[None] | None = None
+        self.info_labels: tuple[str, ...] = ()
         self.children: dict[tuple[Any, ...], Any] = {}  # labels() is slow; label sets are few and fixed
         registry.on_change.append(self.providers_changed)
 
     def load(self, loader: Loader) -> None:
-        host, port = listen_env("AUTHENTIK_LISTEN__METRICS", 9300)
-        loader.add_option("metrics_port", int, port, "Port of the metrics listener: /metrics and /outpost.goauthentik.io/ping "
-                          "(0 turns it off; env AUTHENTIK_LISTEN__METRICS).")
-        loader.add_option("metrics_listen_host", str, host, "Address of the metrics listener (empty: all interfaces).")
+        add_options(loader)
 
     def configure(self, updated: set[str]) -> None:
         if "metrics_port" in updated and not 0 <= ctx.options.metrics_port <= 65535:
@@ -50,8 +66,12 @@ class Metrics:
 
     def providers_changed(self) -> None:
         labels = (self.registry.outpost_name, "proxy", self.registry.outpost_uuid, __version__, "")
-        INFO.clear()
-        LAST_UPDATE.clear()
+        if not workers.is_worker():
+            INFO.clear()
+            LAST_UPDATE.clear()
+        elif self.info_labels not in ((), labels):  # a worker's file keeps every label set it had: the old one reads 0
+            INFO.labels(*self.info_labels).set(0)
+        self.info_labels = labels
         INFO.labels(*labels).set(1)
         LAST_UPDATE.labels(*labels).set(time.time())
         self.children.clear()
@@ -90,15 +110,30 @@ class Metrics:
                            upstream.host_header if upstream else "").observe(flow.response.timestamp_start - flow.request.timestamp_end)
 
     async def running(self) -> None:
-        if ctx.options.metrics_port:
-            self.server = await asyncio.start_server(self.handle, ctx.options.metrics_listen_host or None, ctx.options.metrics_port)
-            logger.info("metrics listening at %s:%d", ctx.options.metrics_listen_host or "*", ctx.options.metrics_port)
+        if workers.is_worker():
+            self.refresher = asyncio.get_running_loop().create_task(self.refresh())
+        elif ctx.options.metrics_port:
+            self.server = await serve(ctx.options.metrics_listen_host, ctx.options.metrics_port,
+                                      lambda: generate_latest(PROMETHEUS), self.registry.is_ready)
 
     def done(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.refresher is not None:
+            self.refresher.cancel()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def refresh(self) -> None:
+        """A first report after one period: by then every addon's `running` (the listeners) is done."""
+        while True:
+            await asyncio.sleep(REFRESH)
+            SESSIONS.set(self.registry.store.count())
+            WORKER_READY.set(1 if self.registry.is_ready() else 0)
+
+
+async def serve(host: str, port: int, metrics: Callable[[], bytes], ready: Callable[[], bool]) -> asyncio.Server:
+    """The metrics listener: `/metrics` and `/ping` (204 when `ready()`, else 503)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request_line = await asyncio.wait_for(reader.readline(), 5)
             while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
@@ -106,9 +141,9 @@ class Metrics:
             parts = request_line.split()
             path = parts[1].decode("latin-1").partition("?")[0] if len(parts) >= 2 else ""
             if path == "/metrics":
-                status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(PROMETHEUS)
+                status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, metrics()
             elif path in PING_PATHS:
-                status, content_type, body = ("204 No Content" if self.registry.is_ready() else "503 Service Unavailable"), "text/plain", b""
+                status, content_type, body = ("204 No Content" if ready() else "503 Service Unavailable"), "text/plain", b""
             else:
                 status, content_type, body = "404 Not Found", "text/plain", b"not found\n"
             head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -118,3 +153,7 @@ class Metrics:
             pass
         finally:
             writer.close()
+
+    server = await asyncio.start_server(handle, host or None, port)
+    logger.info("metrics listening at %s:%d", host or "*", port)
+    return server

@@ -3,6 +3,11 @@
 Names follow authentik's outpost where it has one. Label values come from configuration or
 short fixed lists, never from client input: authentik labels by client-sent host, which
 makes cardinality unbounded.
+
+In the workers of `--workers N`, prometheus-client's multiprocess mode keeps every value in a
+file of the supervisor's directory (PROMETHEUS_MULTIPROC_DIR), and the supervisor serves them
+all, counters and histograms summed; each gauge says how its workers' values combine
+(`multiprocess_mode`, ignored in a single process).
 """
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -10,8 +15,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 PROMETHEUS = CollectorRegistry()
 OUTPOST_LABELS = ("outpost_name", "outpost_type", "uuid", "version", "build")
 
-INFO = Gauge("authentik_outpost_info", "Outpost info", OUTPOST_LABELS, registry=PROMETHEUS)
-LAST_UPDATE = Gauge("authentik_outpost_last_update", "Time of the last provider update", OUTPOST_LABELS, registry=PROMETHEUS)
+INFO = Gauge("authentik_outpost_info", "Outpost info", OUTPOST_LABELS, multiprocess_mode="livemax", registry=PROMETHEUS)
+LAST_UPDATE = Gauge("authentik_outpost_last_update", "Time of the last provider update", OUTPOST_LABELS,
+                    multiprocess_mode="livemax", registry=PROMETHEUS)
 REQUESTS = Histogram("authentik_outpost_proxy_request_duration_seconds", "Requests handled by the outpost",
                      ("outpost_name", "method", "host", "type"), registry=PROMETHEUS)
 UPSTREAM = Histogram("authentik_outpost_proxy_upstream_response_duration_seconds", "Upstream response time",
@@ -23,5 +29,10 @@ EDGE_REFUSALS = Counter("mitm_outpost_edge_refusals_total", "Requests refused at
                         ("code",), registry=PROMETHEUS)
 ROUTES = Counter("mitm_outpost_routes_total", "Requests by the way they went in embedded mode (outpost or backend)",
                  ("route",), registry=PROMETHEUS)
-SESSIONS = Gauge("mitm_outpost_sessions", "Sessions this replica holds (in memory or its local cache)", registry=PROMETHEUS)
+SESSIONS = Gauge("mitm_outpost_sessions", "Sessions this replica holds (in memory or its local cache)",
+                 multiprocess_mode="livesum", registry=PROMETHEUS)
 IDP_LATENCY = Histogram("mitm_outpost_idp_request_duration_seconds", "Calls to the identity provider", ("call",), registry=PROMETHEUS)
+# Workers only: what the supervisor's /ping reads (one sample per live worker, by pid). Not in any
+# registry, so a single process's /metrics does not show it.
+WORKER_READY = Gauge("mitm_outpost_worker_ready", "Whether this worker is ready (providers loaded, store up)",
+                     multiprocess_mode="liveall", registry=None)
