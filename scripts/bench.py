@@ -32,6 +32,14 @@ and the production runner, `python -m mitm_outpost` (PYTHONPATH=addons) with the
   lean runner, signed in, access log json  the default access log (JSON lines to stderr, a file here)
   nginx auth_request → lean runner         the fwd-outpost setup, asked of the lean runner
 
+and the peer an administrator picks today for OIDC in front of an app (issue 17), when Apache httpd and
+mod_auth_openidc are installed: each its own Apache (event MPM, a private config in the temp dir, in the
+foreground), client of the same dev IdP, signed in there by a real login, session in its shm cache:
+
+  Apache mod_auth_openidc, proxy mode   load tool -> Apache (`ProxyPass /`, OIDCPassClaimsAs headers) -> upstream
+  nginx auth_request → Apache           the fwd-outpost nginx config, asking an Apache location protected with
+                                        `OIDCUnAuthAction 401` that answers an empty 200 with X-authentik-* headers
+
 then (unless --no-extras) memory per session (a MemoryStore filled in a fresh process: RSS and
 tracemalloc; RedisStore.put into a private redis-server: INFO memory), two lean runners sharing that
 Redis behind nginx against one, with Redis commands per request (INFO commandstats), and with
@@ -1210,7 +1218,8 @@ def profile(args: argparse.Namespace, procs: Processes, pid: int, seconds: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s per measurement, 1 s warm-up, 1 round: thirteen "
-                        "setups, the signed-in probe next to a /start flood, memory, sign-out at 100,000 sessions, "
+                        "setups (fifteen with Apache), the signed-in probe next to a /start flood, memory, "
+                        "sign-out at 100,000 sessions, "
                         "reload, Redis and replicas, whole run about 1.5-2 min (an explicit "
                         "--duration/--warmup/--rounds/--sessions/--signout-sessions wins; no soak unless --soak)")
     parser.add_argument("--duration", type=int, help="seconds per measurement (default 10)")
@@ -1394,8 +1403,8 @@ def start_forward_auth(procs: Processes, tmp: Path, nginx: str, mitmdump: str, c
 # front of the same upstream, behind the same nginx for forward auth.
 APACHE_MODULE_DIRS = ("/usr/lib/apache2/modules", "/usr/lib64/httpd/modules", "/usr/lib/httpd/modules")
 # LoadModule for each one found in the module directory; the others are compiled in (Debian: unixd).
-APACHE_MODULES = ("mpm_event", "unixd", "authn_core", "authz_core", "headers", "alias", "rewrite", "proxy",
-                  "proxy_http", "auth_openidc")
+APACHE_MODULES = ("mpm_event", "unixd", "authn_core", "authz_core", "authz_user", "headers", "alias", "rewrite",
+                  "proxy", "proxy_http", "auth_openidc")
 APACHE_SESSION_COOKIE = "mod_auth_openidc_session"
 APACHE_CALLBACK = "/outpost.goauthentik.io/callback"  # OIDCRedirectURI, relative (the request's host), as the outpost's
 
@@ -1456,6 +1465,8 @@ ProxyPass / http://{host}:{upstream}/
 # sends the browser to /outpost.goauthentik.io/start?rd=<URL>. The 200 is an empty file: /dev/null, which
 # every child can read (the bench's temp dir is root's alone).
 APACHE_FORWARD = """\
+# nginx sends them (the request's host and scheme); without this, mod_auth_openidc logs two warnings a request
+OIDCXForwardedHeaders X-Forwarded-Host X-Forwarded-Proto
 Alias /outpost.goauthentik.io/auth/nginx /dev/null
 <Location /outpost.goauthentik.io/auth/nginx>
     AuthType openid-connect
@@ -1660,6 +1671,12 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
         setups.update(start_forward_auth(procs, tmp, nginx, mitmdump, confdir, up_port, idp_port))
     else:
         print("nginx not installed: no forward-auth measurement", flush=True)
+    apache = find_apache()
+    if apache:
+        setups.update(start_apache_setups(procs, tmp, *apache, nginx, up_port, idp_port))
+    else:
+        print("Apache httpd with mod_auth_openidc not installed: no Apache rows "
+              "(apt-get install apache2 libapache2-mod-auth-openidc)", flush=True)
     if args.only:
         setups = {key: s for key, s in setups.items() if key in ("direct", "bare", "outpost", *args.only.split(","))}
     non_200 = tmp / "non200.lua"
@@ -1692,7 +1709,8 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
                     print(f"  profile of {s.label} under load: {args.profile}", flush=True)
         for key, results in parts.items():
             rounds[key].append(combine(results, slice_seconds))
-    for key in ("outpost", "outpost_skip", "outpost_header", "fwd_outpost", "lean", "lean_log", "fwd_lean"):  # still signed in: no number came from login redirects
+    for key in ("outpost", "outpost_skip", "outpost_header", "fwd_outpost", "lean", "lean_log", "fwd_lean",
+                "apache", "fwd_apache"):  # still signed in: no number came from login redirects
         if key in setups:
             check_proxied(setups[key].url, setups[key].headers)
     if addons_mtime() != mtime:
@@ -1713,10 +1731,24 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
                        f"i < {SKIP_RULES}; none matches /bench), header.{OUTPOST_DOMAIN} (1 rule, header auth)")
     info["header auth"] = ("provider with `verify_bearer_jwt_locally: true`, `Authorization: Bearer <ID token of the IdP "
                            "for its client>` and no cookie; the warm-up fills the cache (header_auth_cache_ttl default)")
-    if "fwd_outpost" in setups:
+    if any(key.startswith("fwd_") for key in setups):
         info["forward auth"] = (f"nginx (1 worker) with {FORWARD_TEMPLATE.relative_to(ROOT)}, except `upstream {{ keepalive "
                                 f"{KEEPALIVE}; }}` to the auth server and to the upstream, HTTP/1.1 and `Connection: \"\"` "
                                 f"to the auth server; outpost provider mode forward_single")
+    if "apache" in setups or "fwd_apache" in setups:
+        binary = apache[0]  # type: ignore[index]
+        info["Apache"] = (f"{apache_version(binary)}: `{Path(binary).name} -f <generated conf> -DFOREGROUND` "
+                          f"(one process each for proxy mode and for nginx auth_request), event MPM with Debian's "
+                          f"defaults (StartServers 2, ThreadsPerChild 25, MaxRequestWorkers 150), KeepAlive On "
+                          f"(timeout 5 s), MaxKeepAliveRequests 0 (unlimited, as nginx and mitmproxy here), no access "
+                          f"log, LogLevel warn; OIDCSessionType server-cache, OIDCCacheType shm, "
+                          f"OIDCSessionInactivityTimeout 3600, OIDCScope \"openid profile email\", session from a "
+                          f"login at the same dev IdP. Proxy mode: `Require valid-user` on /, OIDCPassClaimsAs "
+                          f"headers, X-authentik-username from REMOTE_USER (preferred_username), `ProxyPass /` to the upstream "
+                          f"(mod_proxy_http, reused connections). nginx auth_request: the same nginx config as the "
+                          f"outpost's rows, /outpost.goauthentik.io/auth/nginx with OIDCUnAuthAction 401, claims as "
+                          f"environment, answered by an empty 200 with X-authentik-username/uid/email/name/groups "
+                          f"(the outpost's answer carries more headers, the JWT among them)")
     lean = setups.get("lean")
     info["lean runner"] = (f"`PYTHONPATH=addons python -m mitm_outpost` with the --set options of the mitmdump outpost; "
                            f"provider bench (1 skip rule); `outpost_access_log=off` except the 'access log json' row "
