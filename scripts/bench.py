@@ -608,7 +608,10 @@ RATIOS = (
     Ratio("lean runner, signed in / outpost under mitmdump", "lean", "outpost"),
     Ratio("nginx auth_request: lean runner / bare mitmdump", "fwd_lean", "fwd_bare", 2.0),
     Ratio("nginx auth_request: outpost (lean runner) / Apache", "fwd_lean", "fwd_apache"),
+    Ratio("nginx auth_request: outpost (--workers auto) / Apache", "fwd_workers", "fwd_apache", 1.0),
     Ratio("outpost (lean runner, proxy mode) / Apache proxy mode", "lean", "apache"),
+    Ratio("outpost (--workers 2, proxy mode) / Apache proxy mode", "lean_w2", "apache"),
+    Ratio("proxy mode: --workers 2 / --workers 1 (Redis)", "lean_w2", "lean_w1", 1.7),
 )
 
 
@@ -665,6 +668,11 @@ def report(rounds: dict[str, list[Result]], info: dict[str, str], short: bool = 
     for ratio in RATIOS:
         if ratio.num in results and ratio.den in results:
             print(ratio_line(ratio, rounds, results))
+    if (check := results.get("fwd_lean")) and check.cpu:
+        per_check = [1e6 * r.cpu / r.rps for r in rounds["fwd_lean"] if r.cpu]
+        us = 1e6 * check.cpu / check.rps
+        print(f"| outpost CPU per forward-auth check, one process (fast lane) | {us:.0f} µs "
+              f"| {', '.join(f'{c:.0f}' for c in per_check)} | <= 150 µs {'✓' if us <= 150 else '✗ missed'} |")
     print(f"| bare mitmdump / direct | {bare.rps / direct.rps:.4f} | | – |")
     print(f"| outpost / direct | {outpost.rps / direct.rps:.4f} | | – |")
     if "lean" in results:
@@ -753,14 +761,14 @@ def session_memory(n: int, modes: tuple[str, ...] = ("rss", "tracemalloc")) -> d
     return {mode: fresh_process_json("--memory-probe", f"{mode}:{n}", f"memory probe {mode}") for mode in modes}
 
 
-def start_redis(procs: Processes, tmp: Path) -> tuple[int, str] | None:
+def start_redis(procs: Processes, tmp: Path, name: str = "redis") -> tuple[int, str] | None:
     server = shutil.which("redis-server") or shutil.which("valkey-server")
     if not server:
         return None
     port = free_port()
-    (tmp / "redis").mkdir()
-    proc = procs.start("redis", [server, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
-                                 "--dir", str(tmp / "redis")])
+    (tmp / name).mkdir()
+    proc = procs.start(name, [server, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                              "--dir", str(tmp / name)])
     import redis as redis_sync
     client = redis_sync.Redis(host=HOST, port=port)
     deadline = time.monotonic() + 10
@@ -770,7 +778,7 @@ def start_redis(procs: Processes, tmp: Path) -> tuple[int, str] | None:
             break
         except redis_sync.RedisError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"redis-server did not start:\n{procs.log_tail('redis')}")
+                sys.exit(f"redis-server did not start:\n{procs.log_tail(name)}")
             time.sleep(0.1)
     version = client.info("server")["redis_version"]
     return port, f"{Path(server).name} {version}"
@@ -1396,6 +1404,64 @@ def start_forward_auth(procs: Processes, tmp: Path, nginx: str, mitmdump: str, c
     return setups
 
 
+# ---------------------------------------------------------------- --workers (issue 17)
+
+def wait_workers(url: str, procs: Processes, proc: subprocess.Popen, name: str) -> None:
+    """Every worker answers: the supervisor logs "N workers ready" once each has said so."""
+    wait_http(url, procs, proc, expect=204)
+    deadline = time.monotonic() + 60
+    while "workers ready" not in procs.log_tail(name, 200):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"{name}: the workers did not all get ready:\n{procs.log_tail(name)}")
+        time.sleep(0.2)
+
+
+def start_worker_setups(procs: Processes, tmp: Path, nginx: str | None, confdir: str, up_port: int,
+                        idp_port: int) -> dict[str, Setup]:
+    """The production runner with sessions in Redis (which `--workers` needs): proxy mode with
+    `--workers 1` and `--workers 2`, and nginx auth_request to `--workers auto`, each signed in."""
+    redis = start_redis(procs, tmp, "redis-workers")
+    if redis is None:
+        print("redis-server not installed: no --workers rows", flush=True)
+        return {}
+    store = f"  session_store: redis://{HOST}:{redis[0]}/0\n"
+    setups: dict[str, Setup] = {}
+    for key, workers in (("lean_w1", "1"), ("lean_w2", "2")):
+        proc, argv, port = start_outpost(procs, tmp, "", confdir, up_port, idp_port, {"bench": (1, "")}, runner="lean",
+                                         name=key, extra=(*ACCESS_LOG_OFF, "--set", f"outpost_workers={workers}"),
+                                         outpost_yaml=store)
+        ping = f"http://{HOST}:{port}/outpost.goauthentik.io/ping"
+        if workers == "1":
+            wait_http(ping, procs, proc, expect=204)
+        else:
+            wait_workers(ping, procs, proc, key)
+        host = f"Host: bench.{OUTPOST_DOMAIN}:{port}"
+        cookie = log_in(f"http://bench.{OUTPOST_DOMAIN}:{port}", LoopbackTransport())
+        setups[key] = Setup(f"lean runner, Redis, --workers {workers}, signed in", f"http://{HOST}:{port}/bench", argv,
+                            proc.pid, (f"Cookie: {cookie}", host))
+        check_proxied(setups[key].url, setups[key].headers)
+    if nginx:
+        port, front = free_port(), free_port()
+        config = tmp / "fwd_workers.yaml"
+        config.write_text(OUTPOST_FORWARD_CONFIG.format(domain=FORWARD_DOMAIN, port=front, host=HOST, idp=idp_port)
+                          .replace("outpost:\n", "outpost:\n" + store, 1))
+        argv = outpost_argv("lean", confdir, config, port, (*ACCESS_LOG_OFF, "--set", "trusted_proxies=127.0.0.0/8",
+                                                             "--set", "outpost_workers=auto"))
+        proc = procs.start("fwd_workers", argv, LEAN_ENV)
+        wait_workers(f"http://{HOST}:{port}/outpost.goauthentik.io/ping", procs, proc, "fwd_workers")
+        nginx_proc, nginx_argv = start_nginx(procs, tmp, "nginx-fwd_workers", nginx,
+                                             forward_auth_servers(front, port, up_port))
+        wait_http(f"http://{HOST}:{front}/outpost.goauthentik.io/ping", procs, nginx_proc, expect=204)
+        cookie = log_in(f"http://app.{FORWARD_DOMAIN}:{front}", LoopbackTransport())
+        setups["fwd_workers"] = Setup("nginx auth_request → lean runner, --workers auto (Redis)",
+                                      f"http://{HOST}:{front}/bench", argv, proc.pid,
+                                      (f"Cookie: {cookie}", f"Host: app.{FORWARD_DOMAIN}:{front}"), nginx_argv)
+        check_proxied(setups["fwd_workers"].url, setups["fwd_workers"].headers)
+    for setup in setups.values():
+        print(f"{setup.label}: signed in as {USER}, upstream answers 'hello {USER}'", flush=True)
+    return setups
+
+
 # ---------------------------------------------------------------- Apache httpd + mod_auth_openidc (the peer)
 
 # Apache with mod_auth_openidc (Debian: apache2, libapache2-mod-auth-openidc) is what an administrator who
@@ -1671,6 +1737,7 @@ def run(args: argparse.Namespace, load: Load, procs: Processes, tmp: Path, loada
         setups.update(start_forward_auth(procs, tmp, nginx, mitmdump, confdir, up_port, idp_port))
     else:
         print("nginx not installed: no forward-auth measurement", flush=True)
+    setups.update(start_worker_setups(procs, tmp, nginx, confdir, up_port, idp_port))
     apache = find_apache()
     if apache:
         setups.update(start_apache_setups(procs, tmp, *apache, nginx, up_port, idp_port))
