@@ -165,31 +165,30 @@ class StrictHttpStream(http_layers.HttpStream):
     def __init__(self, context, stream_id: int, limits: Limits) -> None:  # type: ignore[no-untyped-def]
         super().__init__(context, stream_id)
         self.limits = limits
-        self.upstream_timer: commands.RequestWakeup | None = None
+        self.waiting_since: float | None = None  # the request is upstream, its response not begun (StrictHttpLayer's timer)
         self.streamed = 0  # request body bytes streamed upstream so far
         self.answered = False  # answered by the edge itself (answer_now)
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         # Before Layer's own routing: mitmproxy replaces `_handle_event` once a WebSocket takes over.
-        if isinstance(event, events.Wakeup) and event.command is self.upstream_timer and (
-                self.child_layer is not None or self.server_state != self.state_wait_for_response_headers):
-            return  # a stale timer
-        if self.answered and isinstance(event, SERVER_EVENTS):
-            return  # the edge answered this request; what the upstream still sends is dropped
-        yield from super().handle_event(event)
-
-    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Wakeup):
-            if event.command is self.upstream_timer and self.server_state == self.state_wait_for_response_headers:
+        if isinstance(event, UpstreamOverdue):
+            if self.is_waiting_upstream():
                 note(self.flow, upstream_error="no response within outpost_upstream_timeout")
                 logger.warning("upstream %s: no response within %ss", human.format_address(self.flow.server_conn.address),
                                self.limits.upstream_timeout)
                 yield commands.CloseConnection(self.context.server)
                 yield from self.answer_now(upstream_failure(504))
             return
-        yield from super()._handle_event(event)
+        if self.answered and isinstance(event, SERVER_EVENTS):
+            return  # the edge answered this request; what the upstream still sends is dropped
+        yield from super().handle_event(event)
+
+    def is_waiting_upstream(self) -> bool:
+        return (self.waiting_since is not None and self.child_layer is None and not self.answered
+                and self.server_state == self.state_wait_for_response_headers)
 
     def state_wait_for_response_headers(self, event: ResponseHeaders) -> layer.CommandGenerator[None]:
+        self.waiting_since = None
         yield from super().state_wait_for_response_headers(event)
         if self.flow.response is not event.response and not self.answered:
             # An addon replaced the upstream's answer (Upstream: an unasked 101; Chain: a failed check):
@@ -229,8 +228,8 @@ class StrictHttpStream(http_layers.HttpStream):
 
     def start_upstream_timer(self) -> layer.CommandGenerator[None]:
         if self.server_state == self.state_wait_for_response_headers and self.flow.response is None:
-            self.upstream_timer = commands.RequestWakeup(self.limits.upstream_timeout)
-            yield self.upstream_timer
+            self.waiting_since = time.monotonic()
+        yield from ()
 
     def state_discard(self, _: events.Event) -> layer.CommandGenerator[None]:
         yield from ()  # the rest of a request that has been answered
@@ -270,15 +269,38 @@ def upstream_failure(status: int) -> http.Response:
     return pages.page(502, "Bad gateway", "The application is not reachable right now. Try again in a moment.")
 
 
+class UpstreamOverdue(events.Event):
+    """StrictHttpLayer to a stream: your upstream has not begun its response in time."""
+
+
 class StrictHttpLayer(http_layers.HttpLayer):
+    """One timer per client connection for its requests' upstream responses: a timer per request
+    is a task and later an event through the whole layer stack (BENCHMARKS.md), while a connection
+    whose requests are answered in time never sees its timer fire more than once a timeout."""
+
     def __init__(self, context, mode: http_layers.HTTPMode, limits: Limits) -> None:  # type: ignore[no-untyped-def]
         super().__init__(context, mode)
         self.limits = limits
+        self.upstream_timer: commands.RequestWakeup | None = None
 
     def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
-        if isinstance(event, events.Start) and self.context.client.alpn != b"h2" and not http_layers.is_h3_alpn(self.context.client.alpn):
-            self.connections.setdefault(self.context.client, StrictHttp1Server(self.context.fork(), self.limits))
-        yield from super()._handle_event(event)
+        if isinstance(event, events.Wakeup) and event.command is self.upstream_timer:
+            self.upstream_timer = None
+            deadline = time.monotonic() - self.limits.upstream_timeout
+            for stream in list(self.streams.values()):
+                if isinstance(stream, StrictHttpStream) and stream.is_waiting_upstream() and stream.waiting_since <= deadline:
+                    yield from self.event_to_child(stream, UpstreamOverdue())
+        else:
+            if isinstance(event, events.Start) and self.context.client.alpn != b"h2" and not http_layers.is_h3_alpn(self.context.client.alpn):
+                self.connections.setdefault(self.context.client, StrictHttp1Server(self.context.fork(), self.limits))
+            yield from super()._handle_event(event)
+        if self.upstream_timer is None:
+            waiting = [s.waiting_since for s in self.streams.values()
+                       if isinstance(s, StrictHttpStream) and s.is_waiting_upstream()]
+            if waiting:
+                due = min(waiting) + self.limits.upstream_timeout - time.monotonic()  # type: ignore[type-var]
+                self.upstream_timer = commands.RequestWakeup(max(due, 0.01))
+                yield self.upstream_timer
 
     def make_stream(self, stream_id: int) -> layer.CommandGenerator[None]:
         stream = self.streams[stream_id] = StrictHttpStream(self.context.fork(), stream_id, self.limits)

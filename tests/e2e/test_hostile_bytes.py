@@ -8,6 +8,7 @@ come within a deadline: an attacker who can hold a connection open for free is a
 
 from __future__ import annotations
 
+import http.client
 import re
 import socket
 import threading
@@ -571,6 +572,27 @@ def test_upstream_timeout_gives_504(outpost_with: Callable[..., Front], failing_
     assert answer is not None and answer.status == 504, data[:200]
     assert elapsed < 3.5, f"504 after {elapsed:.1f} s with 1 s timeouts"
     assert not _names(answer.body, front.upstreams[upstream]), answer.body[:300]
+
+
+def test_upstream_timeout_holds_for_every_request_of_a_keep_alive_connection(
+        outpost_with: Callable[..., Front], failing_upstreams: dict[str, Recorder], apps: dict[str, Recorder]) -> None:
+    """The timer is the connection's, not each request's: answered requests do not stop it from
+    catching a later one that gets no answer, 1 s after that one was sent."""
+    upstreams = {"silent": f"127.0.0.1:{failing_upstreams['silent'].port}", APPS[1]: f"127.0.0.1:{apps[APPS[1]].port}"}
+    front = outpost_with(upstreams, "outpost_upstream_timeout=1")
+    conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=10)
+    for _ in range(3):
+        time.sleep(0.3)
+        conn.request("GET", "/public/x", headers={"Host": front.host(APPS[1])})
+        answer = conn.getresponse()
+        answer.read()
+        assert answer.status == 200
+    started = time.monotonic()
+    conn.request("GET", "/public/x", headers={"Host": front.host("silent")})
+    answer = conn.getresponse()
+    answer.read()
+    assert answer.status == 504
+    assert 0.9 < time.monotonic() - started < 3, "1 s after this request was sent, not after the connection's first"
 
 
 def test_upstream_down_gives_502_without_its_address(front: Front) -> None:
