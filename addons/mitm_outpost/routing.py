@@ -60,7 +60,6 @@ class Routing:
             return  # HTTP/1 heads were held to the same rules, byte for byte, by the edge
         path, _, query = flow.request.path.partition("?")
         exchange = begin(flow, path, query)
-        exchange.normal_path = normalise_path(path)
         if health := HEALTH_PATHS.get(path):
             ready = health == names.LIVE or self.registry.is_ready()
             flow.response = pages.empty(204 if ready else 503)
@@ -80,6 +79,7 @@ class Routing:
             provider = self.registry.provider_for(original.host, original.hostname)
             note(flow, check=kind.value, original_url=original.url or "(not sent)")
         else:
+            exchange.normal_path = normalise_path(path)  # what the rules judge (a check judges its original URL's)
             host = flow.request.host_header or ""
             provider = self.registry.by_host.get(host.lower())
             if provider is None and path in OWN_PATHS and exchange.trusted_peer:
