@@ -24,7 +24,7 @@ import pytest
 from mitm_outpost import names
 
 from tests.support.browser import chromium, chromium_or_skip, new_page, stored_cookies
-from tests.support.processes import ROOT, Outpost, free_port, provider_entry
+from tests.support.processes import ROOT, RUNNERS, Outpost, free_port, provider_entry
 from tests.support.proxies import proxy_for, require_or_skip, standard_values
 
 SCREENSHOT = ROOT / "docs" / "whoami.png"
@@ -90,8 +90,8 @@ def test_proxy_mode_login_page_and_sign_out(browser: Any, idp: str, upstream: st
             page.context.close()
 
 
-@pytest.fixture(scope="module")
-def nginx_single(idp: str, upstream: str) -> Iterator[tuple[str, str]]:
+@pytest.fixture(scope="module", params=RUNNERS, ids=[f"nginx-single.conf-{tool}" for tool in RUNNERS])
+def nginx_single(request: pytest.FixtureRequest, idp: str, upstream: str) -> Iterator[tuple[str, str]]:
     """nginx with docs/forward-auth/nginx-single.conf in front of the demo app; (app URL, client_id)."""
     require_or_skip("nginx")
     proxy_port, outpost_port = free_port(), free_port()
@@ -103,7 +103,8 @@ def nginx_single(idp: str, upstream: str) -> Iterator[tuple[str, str]]:
     up = urllib.parse.urlsplit(upstream)
     values = standard_values(port=proxy_port, outpost=("127.0.0.1", outpost_port), upstream=(up.hostname, up.port),
                              domain=DOMAIN, cookie_name=names.cookie_name(client_id))
-    with Outpost([entry], outpost_port), proxy_for("nginx-single.conf", tempfile.mkdtemp(prefix="browser-nginx-"), values):
+    with Outpost([entry], outpost_port, tool=request.param), \
+            proxy_for("nginx-single.conf", tempfile.mkdtemp(prefix="browser-nginx-"), values):
         yield f"http://app.{DOMAIN}:{proxy_port}/", client_id
 
 

@@ -17,11 +17,12 @@ import pytest
 from tests.e2e.test_forward_auth import LoopbackTransport
 from tests.support.authentik_token import AuthentikTokenEndpoint
 from tests.support.panva import PanvaOP, code_flow_tokens, make_rsa_jwk
-from tests.support.processes import Outpost, free_port, provider_entry
+from tests.support.processes import RUNNERS, Outpost, free_port, provider_entry
 from tests.support.proxies import proxy_for, require_or_skip, standard_values
 
 ACCOUNTS = {"alice": {"email": "alice@example.test", "name": "Alice", "preferred_username": "alice", "groups": ["admins"]}}
 CACHE_TTL = 2
+HEADER_AUTH_CONFIGS = ("nginx-single.conf", "traefik-single.yml")
 
 
 @dataclass
@@ -134,8 +135,9 @@ def test_intercept_off_sends_browsers_to_login(world: World, upstream: str) -> N
         assert response.status_code == 302 and "/outpost.goauthentik.io/start" in response.headers["location"]
 
 
-@pytest.mark.parametrize("template", ["nginx-single.conf", "traefik-single.yml"])
-def test_header_auth_through_forward_auth(world: World, upstream: str, template: str) -> None:
+@pytest.mark.parametrize(("template", "tool"), [(t, tool) for t in HEADER_AUTH_CONFIGS for tool in RUNNERS],
+                         ids=[f"{t}-{tool}" for t in HEADER_AUTH_CONFIGS for tool in RUNNERS])
+def test_header_auth_through_forward_auth(world: World, upstream: str, template: str, tool: str) -> None:
     require_or_skip(template.split("-")[0])
     proxy_port, outpost_port = free_port(), free_port()
     entry = {"name": "hdr-fwd", "mode": "forward_single", "external_host": f"http://app.example.test:{proxy_port}",
@@ -143,7 +145,7 @@ def test_header_auth_through_forward_auth(world: World, upstream: str, template:
     up = urllib.parse.urlsplit(upstream)
     values = standard_values(port=proxy_port, outpost=("127.0.0.1", outpost_port), upstream=(up.hostname, up.port),
                              domain="example.test")
-    with Outpost([entry], outpost_port), proxy_for(template, tempfile.mkdtemp(prefix="hdr-"), values):
+    with Outpost([entry], outpost_port, tool=tool), proxy_for(template, tempfile.mkdtemp(prefix="hdr-"), values):
         client = httpx2.Client(transport=LoopbackTransport(), follow_redirects=False, timeout=15)
         url = f"http://app.example.test:{proxy_port}/headers"
         response = client.get(url, headers={"Authorization": f"Bearer {world.token_of_a()['access_token']}"})

@@ -21,7 +21,7 @@ import pytest
 from mitm_outpost import names
 from tests.e2e.test_forward_auth import DOMAIN, Setup
 from tests.e2e.test_forward_auth import browser as loopback_browser
-from tests.support.processes import Outpost, browser, free_port, provider_entry
+from tests.support.processes import RUNNERS, Outpost, browser, free_port, provider_entry
 from tests.support.proxies import proxy_for, render, require_or_skip, standard_values
 
 CONFIRM_FORM = re.compile(r'<form method="post" action="([^"]+)">')
@@ -161,8 +161,8 @@ PROGRAMS = {"traefik": "traefik", "Caddyfile": "caddy", "envoy": "envoy", "nginx
 
 
 @contextlib.contextmanager
-def running(template: str, idp: str, app: Recorder) -> Iterator[Setup]:
-    """The documented config `template` in front of the recorder, asking an outpost of its own."""
+def running(template: str, tool: str, idp: str, app: Recorder) -> Iterator[Setup]:
+    """The documented config `template` in front of the recorder, asking an outpost of its own (run by `tool`)."""
     require_or_skip(PROGRAMS[template.split("-")[0]])
     proxy_port, outpost_port = free_port(), free_port()
     entry = {"name": "marks-fwd", "client_id": "marks-fwd", "client_secret": "marks-secret", "issuer": idp,
@@ -170,20 +170,22 @@ def running(template: str, idp: str, app: Recorder) -> Iterator[Setup]:
     values = standard_values(port=proxy_port, outpost=("127.0.0.1", outpost_port),
                              upstream=("127.0.0.1", app.server_address[1]), domain=DOMAIN,
                              cookie_name=names.cookie_name("marks-fwd"))
-    with Outpost([entry], outpost_port) as outpost:
+    with Outpost([entry], outpost_port, tool=tool) as outpost:
         with proxy_for(template, tempfile.mkdtemp(prefix="marks-"), values) as proxy:
             yield Setup(template, "single", proxy, outpost, idp)
 
 
-@pytest.fixture(scope="module", params=RELAYING)
+@pytest.fixture(scope="module", params=[(t, tool) for t in RELAYING for tool in RUNNERS],
+                ids=[f"{t}-{tool}" for t in RELAYING for tool in RUNNERS])
 def relayed(request: pytest.FixtureRequest, idp: str, app: Recorder) -> Iterator[Setup]:
-    with running(request.param, idp, app) as setup:
+    template, tool = request.param
+    with running(template, tool, idp, app) as setup:
         yield setup
 
 
-@pytest.fixture(scope="module")
-def nginx(idp: str, app: Recorder) -> Iterator[Setup]:
-    with running("nginx-single.conf", idp, app) as setup:
+@pytest.fixture(scope="module", params=RUNNERS, ids=[f"nginx-single.conf-{tool}" for tool in RUNNERS])
+def nginx(request: pytest.FixtureRequest, idp: str, app: Recorder) -> Iterator[Setup]:
+    with running("nginx-single.conf", request.param, idp, app) as setup:
         yield setup
 
 

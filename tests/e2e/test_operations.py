@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.processes import Outpost, browser, free_port, mock_login, provider_entry
+from tests.support.processes import RUNNERS, Outpost, browser, free_port, mock_login, provider_entry
 
 
 def LeanOutpost(providers: list[dict[str, object]], http_port: int, metrics_port: int = 0) -> Outpost:  # noqa: N802
@@ -135,12 +135,14 @@ def test_mitmdump_way_has_the_same_metrics(idp: str, upstream: str) -> None:
         assert "mitm_outpost_decisions_total" in scrape(metrics_port)
 
 
-def test_lean_runner_applies_option_defaults(idp: str) -> None:
-    """trusted_proxies keeps its default (loopback) without being set: forward-auth checks from here are answered."""
+@pytest.mark.parametrize("tool", RUNNERS)
+def test_lean_runner_applies_option_defaults(idp: str, tool: str) -> None:
+    """trusted_proxies keeps its default (loopback) without being set: forward-auth checks from here are answered
+    (by the lean runner's fast lane, and under mitmdump alike)."""
     port = free_port()
     entry = {"name": "fwd", "mode": "forward_single", "external_host": "http://app.example.test", "client_id": "f",
              "client_secret": "f", "issuer": idp}
-    with LeanOutpost([entry], port) as outpost:
+    with Outpost([entry], port, tool=tool) as outpost:
         headers = {"X-Forwarded-Proto": "http", "X-Forwarded-Host": "app.example.test", "X-Forwarded-Uri": "/"}
         response = httpx2.get(f"{outpost.url}/outpost.goauthentik.io/auth/traefik", headers=headers)
         assert response.status_code == 302 and "untrusted" not in outpost.output

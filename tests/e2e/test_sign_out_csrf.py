@@ -20,7 +20,7 @@ from mitm_outpost import names
 from tests.e2e.test_forward_auth import DOMAIN, Setup, login
 from tests.e2e.test_forward_auth import browser as domain_browser
 from tests.support.browser import chromium, chromium_or_skip, new_page, stored_cookies
-from tests.support.processes import Outpost, browser, free_port, mock_login, provider_entry
+from tests.support.processes import RUNNERS, Outpost, browser, free_port, mock_login, provider_entry
 from tests.support.proxies import proxy_for, require_or_skip, standard_values
 
 SIGN_OUT = "/outpost.goauthentik.io/sign_out"
@@ -116,8 +116,8 @@ def test_a_cross_site_post_gets_the_confirmation_not_a_sign_out(outpost: Outpost
     assert client.get(f"{outpost.url}/headers").status_code == 200
 
 
-@pytest.fixture(scope="module")
-def nginx_domain(idp: str, upstream: str) -> Iterator[Setup]:
+@pytest.fixture(scope="module", params=RUNNERS, ids=[f"nginx-domain.conf-{tool}" for tool in RUNNERS])
+def nginx_domain(request: pytest.FixtureRequest, idp: str, upstream: str) -> Iterator[Setup]:
     """Domain level behind nginx with docs/forward-auth/nginx-domain.conf: sign-out on any app host."""
     require_or_skip("nginx")
     proxy_port, outpost_port = free_port(), free_port()
@@ -126,7 +126,7 @@ def nginx_domain(idp: str, upstream: str) -> Iterator[Setup]:
     up = urllib.parse.urlsplit(upstream)
     values = standard_values(port=proxy_port, outpost=("127.0.0.1", outpost_port), upstream=(up.hostname, up.port),
                              domain=DOMAIN, cookie_name=names.cookie_name("csrf-domain"))
-    with Outpost([entry], outpost_port) as outpost:
+    with Outpost([entry], outpost_port, tool=request.param) as outpost:
         with proxy_for("nginx-domain.conf", tempfile.mkdtemp(prefix="csrf-nginx-"), values) as proxy:
             yield Setup("nginx-domain.conf", "domain", proxy, outpost, idp)
 
