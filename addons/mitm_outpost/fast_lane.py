@@ -186,15 +186,13 @@ class Connection(asyncio.Protocol):
             return
         method, version = parser.get_method(), b"HTTP/" + parser.get_http_version().encode()
         request = make_request(method, parsed.url, version, parsed.fields, b"", time.time())
-        try:
-            size = http1.expected_http_body_size(request)
-        except ValueError:
-            self.refuse(Refusal(400, "framing"))
-            return
         if code := framing_violation(request):
             self.refuse(Refusal(400, code))
             return
-        if size is None or size > BODY_LIMIT or "expect" in request.headers:
+        # Framing as checked just now: chunked alone, or at most one Content-Length of digits.
+        headers = request.headers
+        size = None if "transfer-encoding" in headers else int(headers.get("content-length") or 0)
+        if size is None or size > BODY_LIMIT or "expect" in headers:
             self.hand_over()  # a chunked or large body, or Expect: mitmproxy's strict layer reads those
             return
         if len(buf) < len(head) + size:
