@@ -21,6 +21,7 @@ every request stays a flow a person can inspect. `outpost_fast_lane=false` turns
 """
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from .routing import OWN_PATHS
 logger = logging.getLogger("mitm_outpost")
 
 BODY_LIMIT = 65536  # the most body the fast lane reads (backchannel_logout's limit); more goes to mitmproxy
+SLICE = 0.0005  # seconds of lane work per event-loop iteration, at least one request (see FastLane.run)
 IDLE_TIMEOUT = 300.0  # seconds a keep-alive connection may wait between requests
 SWEEP_INTERVAL = 1.0  # seconds between the checks of heads in pieces and idle connections
 
@@ -121,7 +123,10 @@ class Connection(asyncio.Protocol):
         self.client: connection.Client | None = None
         self.buf = bytearray()
         self.busy = False  # a request is being answered; what arrives meanwhile waits in `buf`
+        self.queued = False  # in the lane's run queue
         self.closing = False
+        self.write_paused = False  # the client does not read: no more answers until it does
+        self.eof = False  # the client will send nothing more
         self.head_since: float | None = None  # when the unfinished head (or body) began arriving
         self.last_active = 0.0
 
@@ -141,19 +146,42 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return  # lingering after an answer with Connection: close
         self.buf += data
-        if self.busy:
-            if len(self.buf) > self.lane.limits.header_size:
-                self.refuse(Refusal(431, "pipelined_data_too_large"))
+        if len(self.buf) > self.lane.limits.header_size and (self.busy or self.queued or self.write_paused):
+            self.refuse(Refusal(431, "pipelined_data_too_large"))  # piling up behind answers not yet out
             return
-        self.advance()
+        self.wake()
 
     def eof_received(self) -> bool | None:
-        if not self.busy:
-            self.close()
-        return True  # half-open until our answer is out
+        self.eof = True
+        self.wake()
+        return True  # half-open until our answers are out
 
-    def advance(self) -> None:
-        """Take the next request from `buf`, if a whole one is there."""
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.wake()
+
+    def wake(self) -> None:
+        """There may be a request to take: queue for the lane's next turn (FastLane.run)."""
+        if not (self.queued or self.busy or self.closing or self.write_paused):
+            self.queued = True
+            self.lane.run_queue.append(self)
+            self.lane.schedule()
+
+    def take_turn(self) -> None:
+        """The lane's turn for this connection: one request, and a place at the back of the queue for the next."""
+        self.queued = False
+        if self.busy or self.closing or self.write_paused:
+            return
+        if self.take_request():
+            self.wake()
+        elif self.eof and not (self.busy or self.closing):
+            self.close()  # nothing more will come, and nothing is left to answer
+
+    def take_request(self) -> bool:
+        """Take the next request from `buf`, if a whole one is there; True if it was answered already."""
         buf, limits = self.buf, self.lane.limits
         for _ in range(MAX_LEADING_EMPTY_LINES):
             if buf[:2] != b"\r\n":
@@ -161,44 +189,44 @@ class Connection(asyncio.Protocol):
             del buf[:2]
         if not buf:
             self.head_since = None
-            return
+            return False
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if refusal := incomplete_head_violation(bytes(buf), limits):
                 self.refuse(refusal)
             elif self.head_since is None:
                 self.head_since = time.monotonic()
-            return
+            return False
         head = bytes(buf[:end + 4])
         if refusal := head_violation(head, limits):
             self.refuse(refusal)
-            return
+            return False
         target = head[:head.index(b"\r\n")].split(b" ", 2)[1]
         if not answered_here(target):
             self.hand_over()
-            return
+            return False
         parsed = Head()
         parser = httptools.HttpRequestParser(parsed)
         try:
             parser.feed_data(head)
         except httptools.HttpParserError:
             self.refuse(Refusal(400, "framing"))
-            return
+            return False
         method, version = parser.get_method(), b"HTTP/" + parser.get_http_version().encode()
         request = make_request(method, parsed.url, version, parsed.fields, b"", time.time())
         if code := framing_violation(request):
             self.refuse(Refusal(400, code))
-            return
+            return False
         # Framing as checked just now: chunked alone, or at most one Content-Length of digits.
         headers = request.headers
         size = None if "transfer-encoding" in headers else int(headers.get("content-length") or 0)
         if size is None or size > BODY_LIMIT or "expect" in headers:
             self.hand_over()  # a chunked or large body, or Expect: mitmproxy's strict layer reads those
-            return
+            return False
         if len(buf) < len(head) + size:
             if self.head_since is None:
                 self.head_since = time.monotonic()
-            return  # the body is still coming
+            return False  # the body is still coming
         request.data.content = bytes(buf[len(head):len(head) + size])
         del buf[:len(head) + size]
         self.head_since = None
@@ -206,18 +234,23 @@ class Connection(asyncio.Protocol):
         keep_alive = not http1.connection_close(request.data.http_version, request.headers)  # mitmproxy's rule
         flow = http.HTTPFlow(self.client, self.lane.server_placeholder(), live=True)
         flow.request = request
-        task = asyncio.ensure_future(self.lane.answer(flow))
+        task = asyncio.ensure_future(self.lane.answer(flow))  # eager: done at once unless a step waits (IdP, Redis)
         if task.done():
             self.answered(flow, keep_alive, task)
-        else:
-            task.add_done_callback(lambda t: self.answered(flow, keep_alive, t))
+            return not self.closing
+        task.add_done_callback(lambda t: self.answered_later(flow, keep_alive, t))
+        return False
+
+    def answered_later(self, flow: http.HTTPFlow, keep_alive: bool, task: asyncio.Future[None]) -> None:
+        self.answered(flow, keep_alive, task)
+        self.wake()
 
     def answered(self, flow: http.HTTPFlow, keep_alive: bool, task: asyncio.Future[None]) -> None:
         self.busy = False
         if task.cancelled() or task.exception() is not None or flow.response is None or self.transport is None:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                logger.error("fast lane: answering failed (%s)", type(task.exception()).__name__)
-            self.refuse(Refusal(500, "internal_error"))
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("fast lane: answering failed (%s); the request is refused", type(task.exception()).__name__)
+            self.refuse(Refusal(403, "step_failed"))  # fail closed, as the chain does
             return
         if self.closing:
             return
@@ -226,10 +259,7 @@ class Connection(asyncio.Protocol):
         # The outpost's own answers are never chunked: the body follows as it is, but never after HEAD.
         self.transport.write(head if flow.request.method == "HEAD" or not response.data.content else head + response.data.content)
         self.last_active = time.monotonic()
-        if keep_alive:
-            if self.buf:
-                self.advance()
-        else:
+        if not keep_alive:
             self.close_after_answer()
 
     def refuse(self, refusal: Refusal) -> None:
@@ -319,6 +349,8 @@ class FastLane:
         self.handed: set[asyncio.Task[None]] = set()
         self.sweeper: asyncio.Task[None] | None = None
         self._server = connection.Server(address=None)
+        self.run_queue: collections.deque[Connection] = collections.deque()  # connections with bytes to take
+        self.scheduled = False
 
     def load(self, loader: Loader) -> None:
         loader.add_option("outpost_fast_lane", bool, True,
@@ -341,6 +373,27 @@ class FastLane:
         self.close_listeners()
         if self.sweeper is not None:
             self.sweeper.cancel()
+
+    def schedule(self) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.run)
+
+    def run(self) -> None:
+        """The lane's work for one event-loop iteration: connections in turn, one request each, for
+        about SLICE seconds. A connection answered here is at once ready for its next request, so
+        without a bound a flood on a few keep-alive connections (say of /start) would take each whole
+        iteration, and a request that mitmproxy serves, in several iterations, would wait behind all
+        of it at every step (BENCHMARKS.md, issue 14: its p99 25x, with 16 flooding connections)."""
+        self.scheduled = False
+        until = time.perf_counter() + SLICE
+        queue = self.run_queue
+        while queue:
+            queue.popleft().take_turn()
+            if time.perf_counter() >= until:
+                break
+        if queue:
+            self.schedule()
 
     def server_placeholder(self) -> connection.Server:
         return self._server

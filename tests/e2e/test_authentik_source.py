@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import ssl
+import sys
 import subprocess
 import tempfile
 import time
@@ -43,13 +44,16 @@ class ApiOutpost(Process):
     """`mitmdump -s addons/outpost.py` with AUTHENTIK_HOST/TOKEN and no mitm_config.yaml."""
 
     def __init__(self, api: AuthentikAPIDouble, *, token: str | None = None, env: dict[str, str] | None = None,
-                 tls_port: int = 0) -> None:
+                 tls_port: int = 0, tool: str = "mitmdump") -> None:
         self.port, self.tls_port = free_port(), tls_port
         self.dir = Path(tempfile.mkdtemp(prefix="api-outpost-"))
-        args = [str(BIN / "mitmdump"), "-s", str(ROOT / "addons/outpost.py"), "--set", f"outpost_config={self.dir}/absent.yaml",
+        head = [sys.executable, "-m", "mitm_outpost"] if tool == "lean" else [str(BIN / "mitmdump"), "-s", str(ROOT / "addons/outpost.py")]
+        args = [*head, "--set", f"outpost_config={self.dir}/absent.yaml",
                 "--set", f"outpost_http_port={self.port}", "--set", f"outpost_https_port={tls_port}",
                 "--set", "listen_port=0", "--set", f"metrics_port={free_port()}", "--set", f"confdir={self.dir}"]
         environment = {"AUTHENTIK_HOST": api.url, "AUTHENTIK_TOKEN": token or api.token, **(env or {})}
+        if tool == "lean":
+            environment["PYTHONPATH"] = str(ROOT / "addons")
         super().__init__(args, port=self.port, env=environment)
 
     def get(self, host: str, path: str = "/", client: httpx2.Client | None = None, **kwargs: Any) -> httpx2.Response:

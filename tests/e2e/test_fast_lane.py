@@ -188,3 +188,41 @@ def test_a_head_in_pieces_is_cut_off_on_the_lane(outposts: dict[str, Outpost]) -
             received += chunk
     assert received.startswith(b"HTTP/1.1 408"), received[:200]
     assert time.monotonic() - started < 4, "outpost_header_timeout=1: the sweep runs every second"
+
+
+def test_a_thousand_pipelined_requests_are_answered_in_order(outposts: dict[str, Outpost]) -> None:
+    """Answered one after the other off one buffer, never by recursion (a deep pipeline would
+    otherwise end the connection with an error instead of answers)."""
+    port = outposts["lean"].http_port
+    ping = b"GET /outpost.goauthentik.io/ping HTTP/1.1\r\nHost: a\r\n\r\n"
+    before = outposts["lean"].output
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(ping * 1000)
+        assert _read_answers(sock, 1000) == [204] * 1000
+    assert "Traceback" not in outposts["lean"].output[len(before):]
+
+
+def test_a_client_that_does_not_read_gets_no_more_answers_queued(outposts: dict[str, Outpost]) -> None:
+    """Answers wait for the client to read (the transport's flow control), rather than pile up in
+    the outpost's memory; once it reads, every one arrives."""
+    port = outposts["lean"].http_port
+    ping = b"GET /outpost.goauthentik.io/ping HTTP/1.1\r\nHost: a\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for _ in range(20):
+            sock.sendall(ping * 50)
+            time.sleep(0.01)
+        assert _read_answers(sock, 1000) == [204] * 1000
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_answer_and_the_close(outposts: dict[str, Outpost]) -> None:
+    port = outposts["lean"].http_port
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /outpost.goauthentik.io/ping HTTP/1.1\r\nHost: a\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 204")
+    assert time.monotonic() - started < 3, "closed once answered, not left for the idle sweep"
