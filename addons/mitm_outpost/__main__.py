@@ -9,6 +9,7 @@ request. Logs go to stderr, one line each.
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 
 from mitmproxy import exceptions, hooks, options
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if count > 1 and not workers.is_worker():
         sys.exit(supervisor.supervise(argv, opts, count))
+    # Until Lifecycle takes SIGHUP over (at the first configure), a reload signal must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sys.exit(asyncio.run(run(args)))
 
 

@@ -19,7 +19,6 @@ decision (responses, errors: records and metrics) keep mitmproxy's rule, but for
 
 import inspect
 import logging
-import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,7 +31,7 @@ from .authentik import AuthentikSource
 from .file_source import FileSource
 from .registry import Registry
 from .debugging import Commands
-from .decision import Outcome, decide, exchange_of
+from .decision import Outcome, decide, exchange_of, where
 from .edge import Edge
 from .embedded import Embedded
 from .endpoints import Endpoints
@@ -166,14 +165,6 @@ class Chain:
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         self._call("tls_start_server", tls_start)
-
-
-def where(error: BaseException) -> str:
-    """An exception as a flow's log line may show it: its type and where it was raised, never its
-    message or a traceback (either can quote a header, a query string or a body)."""
-    frames = traceback.extract_tb(error.__traceback__)
-    place = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
-    return f"{type(error).__name__}{place}"
 
 
 def refuse_after_failure(flow: http.HTTPFlow, hook: Hook, error: Exception) -> None:

@@ -8,6 +8,7 @@ decision. Per-request working data that must never be serialised
 """
 
 import logging
+import traceback
 import weakref
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -137,3 +138,11 @@ def printable(text: str, limit: int = 200) -> str:
 def without_query(url: str) -> str:
     """A URL as logs and decision records show it: never its query string or fragment."""
     return url.partition("?")[0].partition("#")[0]
+
+
+def where(error: BaseException) -> str:
+    """An exception as a flow's log line may show it: its type and where it was raised, never its
+    message or a traceback (either can quote a header, a query string or a body)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    place = f" at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else ""
+    return f"{type(error).__name__}{place}"

@@ -171,6 +171,12 @@ class StrictHttpStream(http_layers.HttpStream):
 
     def handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
         # Before Layer's own routing: mitmproxy replaces `_handle_event` once a WebSocket takes over.
+        if self.answered and isinstance(event, SERVER_EVENTS):
+            return  # the edge answered this request; what the upstream still sends is dropped
+        yield from super().handle_event(event)
+
+    def _handle_event(self, event: events.Event) -> layer.CommandGenerator[None]:
+        # Here, inside Layer's routing, so that the hooks of the 504 pause this stream only.
         if isinstance(event, UpstreamOverdue):
             if self.is_waiting_upstream():
                 note(self.flow, upstream_error="no response within outpost_upstream_timeout")
@@ -179,9 +185,7 @@ class StrictHttpStream(http_layers.HttpStream):
                 yield commands.CloseConnection(self.context.server)
                 yield from self.answer_now(upstream_failure(504))
             return
-        if self.answered and isinstance(event, SERVER_EVENTS):
-            return  # the edge answered this request; what the upstream still sends is dropped
-        yield from super().handle_event(event)
+        yield from super()._handle_event(event)
 
     def is_waiting_upstream(self) -> bool:
         return (self.waiting_since is not None and self.child_layer is None and not self.answered

@@ -157,6 +157,11 @@ class Endpoints:
 
     async def backchannel_logout(self, flow: http.HTTPFlow, provider: Provider) -> None:
         """The IdP ends sessions server to server: every session of that `sid`, or of that user."""
+        if flow.request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+            # mitmproxy would decompress without a bound: 169 bytes of bz2 become hundreds of MB.
+            flow.response = pages.json_error(415, "unsupported_media_type", detail="send the logout_token without Content-Encoding")
+            decide(flow, Outcome.DENIED, "content_encoding", "back-channel logout with a Content-Encoding refused", logging.WARNING)
+            return
         form = flow.request.urlencoded_form if flow.request.method == "POST" else None
         token = form.get("logout_token", "") if form is not None else ""
         try:

@@ -34,7 +34,7 @@ from mitmproxy.net.http import http1
 from mitmproxy.proxy.mode_servers import ServerInstance
 
 from . import pages, workers
-from .decision import Outcome, decide, note
+from .decision import Outcome, decide, note, where
 from .edge import LINGER_SECONDS, MAX_LEADING_EMPTY_LINES, refusal_bytes
 from .edge_rules import HEADER_TIMEOUT, Limits, Refusal, framing_violation, head_violation, incomplete_head_violation
 from .forwarded import auth_kind
@@ -126,7 +126,9 @@ class Connection(asyncio.Protocol):
         self.queued = False  # in the lane's run queue
         self.closing = False
         self.write_paused = False  # the client does not read: no more answers until it does
+        self.reading_paused = False  # we do not read: a request is being answered and much more is waiting
         self.eof = False  # the client will send nothing more
+        self.awaiting = 0  # the bytes a whole request needs, while its body is still coming
         self.head_since: float | None = None  # when the unfinished head (or body) began arriving
         self.last_active = 0.0
 
@@ -146,9 +148,10 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return  # lingering after an answer with Connection: close
         self.buf += data
-        if len(self.buf) > self.lane.limits.header_size and (self.busy or self.queued or self.write_paused):
-            self.refuse(Refusal(431, "pipelined_data_too_large"))  # piling up behind answers not yet out
-            return
+        if (self.busy or self.write_paused) and len(self.buf) > self.lane.limits.header_size + BODY_LIMIT:
+            assert self.transport is not None
+            self.transport.pause_reading()  # TCP holds the rest until this connection can take a request again
+            self.reading_paused = True
         self.wake()
 
     def eof_received(self) -> bool | None:
@@ -161,7 +164,13 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.resume_reading()
         self.wake()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not (self.busy or self.write_paused) and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
 
     def wake(self) -> None:
         """There may be a request to take: queue for the lane's next turn (FastLane.run)."""
@@ -190,6 +199,8 @@ class Connection(asyncio.Protocol):
         if not buf:
             self.head_since = None
             return False
+        if len(buf) < self.awaiting:
+            return False  # the head was judged already; its body is still coming
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             if refusal := incomplete_head_violation(bytes(buf), limits):
@@ -209,6 +220,9 @@ class Connection(asyncio.Protocol):
         parser = httptools.HttpRequestParser(parsed)
         try:
             parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            self.hand_over()  # CONNECT, or Connection: Upgrade: mitmproxy's strict layer answers those
+            return False
         except httptools.HttpParserError:
             self.refuse(Refusal(400, "framing"))
             return False
@@ -224,12 +238,13 @@ class Connection(asyncio.Protocol):
             self.hand_over()  # a chunked or large body, or Expect: mitmproxy's strict layer reads those
             return False
         if len(buf) < len(head) + size:
+            self.awaiting = len(head) + size
             if self.head_since is None:
                 self.head_since = time.monotonic()
             return False  # the body is still coming
         request.data.content = bytes(buf[len(head):len(head) + size])
         del buf[:len(head) + size]
-        self.head_since = None
+        self.head_since, self.awaiting = None, 0
         self.busy = True
         keep_alive = not http1.connection_close(request.data.http_version, request.headers)  # mitmproxy's rule
         flow = http.HTTPFlow(self.client, self.lane.server_placeholder(), live=True)
@@ -247,6 +262,7 @@ class Connection(asyncio.Protocol):
 
     def answered(self, flow: http.HTTPFlow, keep_alive: bool, task: asyncio.Future[None]) -> None:
         self.busy = False
+        self.resume_reading()
         if task.cancelled() or task.exception() is not None or flow.response is None or self.transport is None:
             if not task.cancelled() and task.exception() is not None:
                 logger.error("fast lane: answering failed (%s); the request is refused", type(task.exception()).__name__)
@@ -300,6 +316,8 @@ class Connection(asyncio.Protocol):
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
+        if self.reading_paused:
+            transport.resume_reading()  # mitmproxy's reader applies its own flow control from here
         if self.buf:
             reader.feed_data(bytes(self.buf))
             self.buf.clear()
@@ -388,12 +406,20 @@ class FastLane:
         self.scheduled = False
         until = time.perf_counter() + SLICE
         queue = self.run_queue
-        while queue:
-            queue.popleft().take_turn()
-            if time.perf_counter() >= until:
-                break
-        if queue:
-            self.schedule()
+        try:
+            while queue:
+                conn = queue.popleft()
+                try:
+                    conn.take_turn()
+                except Exception as e:  # a bug of ours: fail closed for that connection, and go on with the others
+                    logger.error("fast lane: a request failed (%s); refused", where(e))
+                    conn.busy = False
+                    conn.refuse(Refusal(403, "step_failed"))
+                if time.perf_counter() >= until:
+                    break
+        finally:
+            if queue:
+                self.schedule()
 
     def server_placeholder(self) -> connection.Server:
         return self._server
@@ -450,4 +476,8 @@ class FastLane:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
             for conn in list(self.connections):
-                conn.overdue(now)
+                try:
+                    conn.overdue(now)
+                except Exception as e:
+                    logger.error("fast lane: the timeout sweep failed for a connection (%s)", where(e))
+                    conn.close()

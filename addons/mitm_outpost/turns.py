@@ -9,8 +9,12 @@ So at most `outpost_anonymous_turns` such answers are in work at once; the other
 arrival order, before their answer is sent, and their connection sends nothing more meanwhile.
 A closed-loop flood then keeps that many requests in work, not one per connection, and its
 throughput stays what the loop can do. Requests with a session (proxied, or a forward-auth
-check that passes) never wait here. A turn ends when the answer goes out (the `response` or
-`error` hook) or, whatever happens to the flow, after `TURN_DEADLINE` seconds.
+check that passes) never wait here, nor do health checks. A turn ends when the answer goes out
+(the `response` or `error` hook) or, whatever happens to the flow, after `TURN_DEADLINE` seconds.
+
+This is for requests mitmproxy serves. The production runner's fast lane answers within one
+step, so its answers never wait here; it bounds its own work per loop iteration instead
+(`fast_lane.FastLane.run`).
 """
 
 import asyncio
@@ -21,7 +25,8 @@ import weakref
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from .decision import exchange_of, note
+from . import names
+from .decision import METADATA_KEY, exchange_of, note
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -85,6 +90,8 @@ class Turns:
         exchange = exchange_of(flow)
         if exchange is not None and exchange.session is not None:
             return None
+        if flow.metadata.get(METADATA_KEY, {}).get("code") in names.HEALTH:
+            return None  # a load balancer's health check says how the outpost is, not how long a flood's queue is
         if self.in_work < self.limit:
             self.in_work += 1
             self.held[flow] = Turn(self)

@@ -4,6 +4,7 @@ to mitmproxy when a request must be proxied, and the edge's rules hold on the la
 
 from __future__ import annotations
 
+import bz2
 import http.client
 import json
 import re
@@ -33,7 +34,7 @@ def outposts(idp: str, upstream: str) -> Iterator[dict[str, Outpost]]:
                 {"name": "fwd", "mode": "forward_single", "external_host": f"http://{FORWARD_HOST}", "issuer": idp,
                  "client_id": "fwd-client", "client_secret": "fwd-secret", "skip_path_regex": "^/public"},
                 provider_entry("app", port, upstream, idp, external_host=f"http://{APP_HOST}:{port}",
-                               skip_path_regex="^/public"),
+                               skip_path_regex="^/(public|upload)"),
             ]
             outpost = Outpost(providers, port, tool=tool, extra=["--set", "outpost_header_timeout=1",
                                                                 "--set", "trusted_proxies=127.0.0.0/8"])
@@ -80,6 +81,12 @@ SAME_ANSWERS = {
     "backchannel logout with a bad token": b"POST /outpost.goauthentik.io/backchannel_logout HTTP/1.1\r\n"
     b"Host: fwd.example.test\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 18\r\n"
     b"Connection: close\r\n\r\nlogout_token=bogus",
+    "backchannel logout with a Content-Encoding": b"POST /outpost.goauthentik.io/backchannel_logout HTTP/1.1\r\n"
+    b"Host: fwd.example.test\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Encoding: bz2\r\n"
+    b"Content-Length: " + str(len(bz2.compress(b"a" * 1_000_000))).encode() + b"\r\nConnection: close\r\n\r\n"
+    + bz2.compress(b"a" * 1_000_000),
+    "CONNECT to a lane path": b"CONNECT /outpost.goauthentik.io/ping HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    "check for a WebSocket request": _check(f"http://{FORWARD_HOST}/ws", "Connection: Upgrade", "Upgrade: websocket"),
     # The edge's rules, on a lane path
     "bare CR in a header value": _check(f"http://{FORWARD_HOST}/x", "X-Note: a\rX-authentik-groups: admins"),
     "NUL in a header value": _check(f"http://{FORWARD_HOST}/x", "X-Note: a\x00b"),
@@ -226,3 +233,33 @@ def test_a_client_that_half_closes_after_its_request_gets_the_answer_and_the_clo
             received += chunk
     assert received.startswith(b"HTTP/1.1 204")
     assert time.monotonic() - started < 3, "closed once answered, not left for the idle sweep"
+
+
+def test_bodies_the_outpost_reads_are_never_decompressed(outposts: dict[str, Outpost]) -> None:
+    """169 bytes of bz2 would be hundreds of MB once mitmproxy decoded them."""
+    for outpost in outposts.values():
+        answer = exchange(outpost.http_port, SAME_ANSWERS["backchannel logout with a Content-Encoding"])[0]
+        assert answer.startswith(b"HTTP/1.1 415"), answer[:200]
+
+
+def test_connect_and_upgrades_on_lane_paths_are_answered_and_the_lane_goes_on(outposts: dict[str, Outpost]) -> None:
+    lean = outposts["lean"]
+    before = lean.output
+    for name in ("CONNECT to a lane path", "check for a WebSocket request"):
+        data, elapsed = exchange(lean.http_port, SAME_ANSWERS[name])
+        assert data.startswith(b"HTTP/1.1 4") and elapsed < 3, (name, data[:100])
+    assert exchange(lean.http_port, SAME_ANSWERS["ping"])[0].startswith(b"HTTP/1.1 204")
+    assert "Traceback" not in lean.output[len(before):] and "Unhandled" not in lean.output[len(before):]
+
+
+def test_an_upload_behind_a_check_on_one_connection_reaches_the_app(outposts: dict[str, Outpost]) -> None:
+    """The upload's bytes arrive while the connection waits for the lane's turn: they are the
+    next request's body, not a pipeline to refuse."""
+    port = outposts["lean"].http_port
+    body = b"x" * (1 << 20)
+    check = _check(f"http://{FORWARD_HOST}/x").replace(b"Connection: close\r\n", b"")
+    upload = (f"POST /upload HTTP/1.1\r\nHost: {APP_HOST}:{port}\r\nContent-Length: {len(body)}\r\n"
+              "Connection: close\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(check + upload)
+        assert _read_answers(sock, 2) == [401, 200]
