@@ -14,6 +14,7 @@ from typing import NamedTuple
 import h11
 from h11._receivebuffer import ReceiveBuffer
 from mitmproxy import http
+from mitmproxy.net.http import validate
 
 _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
 _FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"  # VCHAR, obs-text, SP, HTAB: no CR, LF, NUL or other controls
@@ -124,8 +125,13 @@ def framing_violation(request: http.Request) -> str | None:
             return "content_length_with_transfer_encoding"
         if codings != [b"chunked"]:
             return "transfer_encoding"
-    if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
+    if len(lengths) > 1:
         return "content_length"
+    if lengths:
+        try:
+            validate.parse_content_length(lengths[0])  # mitmproxy's rule: digits, no leading zero
+        except ValueError:
+            return "content_length"
     return None
 
 

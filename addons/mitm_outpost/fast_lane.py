@@ -220,11 +220,10 @@ class Connection(asyncio.Protocol):
         parser = httptools.HttpRequestParser(parsed)
         try:
             parser.feed_data(head)
-        except httptools.HttpParserUpgrade:
-            self.hand_over()  # CONNECT, or Connection: Upgrade: mitmproxy's strict layer answers those
-            return False
-        except httptools.HttpParserError:
-            self.refuse(Refusal(400, "framing"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # the latter: CONNECT, Connection: Upgrade
+            # A head of the edge's grammar that httptools will not take (an unknown method, say):
+            # mitmproxy's strict layer answers it, exactly as under mitmdump.
+            self.hand_over()
             return False
         method, version = parser.get_method(), b"HTTP/" + parser.get_http_version().encode()
         request = make_request(method, parsed.url, version, parsed.fields, b"", time.time())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import bz2
 import http.client
 import json
+import random
 import re
 import socket
 import time
@@ -263,3 +264,49 @@ def test_an_upload_behind_a_check_on_one_connection_reaches_the_app(outposts: di
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(check + upload)
         assert _read_answers(sock, 2) == [401, 200]
+
+
+def _mutations(seed: int, count: int) -> list[bytes]:
+    """Checks with one hostile change each, drawn from a fixed seed: the bytes an attacker would try
+    on a lane path (controls, odd separators, duplicated framing, odd versions, bodies)."""
+    rng = random.Random(seed)
+    base = [f"GET {CHECK} HTTP/1.1", "Host: outpost.internal", f"X-Original-URL: http://{FORWARD_HOST}/x", "Accept: text/html"]
+    pieces = ["\x00", "\r", "\n", "\t", " ", "\x7f", "\x1b", "\xff", ":", ";", ",", "\\", "%00", "%0d%0a", "..", "//"]
+    extra = ["Content-Length: 3", "Content-Length: 03", "Content-Length: -1", "Content-Length: 1, 1",
+             "Transfer-Encoding: chunked", "Transfer-Encoding: gzip", "Expect: 100-continue", "Connection: Upgrade",
+             "Upgrade: h2c", "Host: second", "X-Forwarded-Host: evil.example", "Cookie: authentik_proxy_x=y"]
+    cases = []
+    for _ in range(count):
+        lines = list(base)
+        kind = rng.randrange(4)
+        if kind == 0:  # a byte inserted somewhere in a line
+            i = rng.randrange(len(lines))
+            at = rng.randrange(len(lines[i]) + 1)
+            lines[i] = lines[i][:at] + rng.choice(pieces) + lines[i][at:]
+        elif kind == 1:  # an extra field
+            lines.insert(rng.randrange(1, len(lines) + 1), rng.choice(extra))
+        elif kind == 2:  # the version or the method
+            lines[0] = lines[0].replace("HTTP/1.1", rng.choice(["HTTP/1.0", "HTTP/1.2", "HTTP/2.0", "http/1.1", "HTTP/1.1 "]))
+            lines[0] = lines[0].replace("GET", rng.choice(["GET", "POST", "HEAD", "OPTIONS", "G\x00T", "get"]), 1)
+        else:  # the target
+            lines[0] = lines[0].replace(CHECK, rng.choice([CHECK + "?x=\x01", CHECK + "#f", "/akprox/auth?nginx",
+                                                           "/akprox/auth%3Fnginx", CHECK.upper(), CHECK + "/", "*"]))
+        raw = "\r\n".join([*lines, "Connection: close", "", ""]).encode("latin-1")
+        if any("Content-Length: 3" in line for line in lines):
+            raw += b"abc"
+        cases.append(raw)
+    return cases
+
+
+FUZZ = _mutations(20261202, 150)
+
+
+@pytest.mark.parametrize("case", range(len(FUZZ)))
+def test_hostile_checks_get_the_same_answer_from_both_runners(outposts: dict[str, Outpost], case: int) -> None:
+    answers = {}
+    for tool, outpost in outposts.items():
+        data, elapsed = exchange(outpost.http_port, FUZZ[case], deadline=5)
+        assert elapsed < 5, f"{tool}: no answer and no close for {FUZZ[case]!r}"
+        answers[tool] = _answer(data)[:2] if data else (0, [])
+    assert answers["lean"] == answers["mitmdump"], (FUZZ[case], answers)
+    assert answers["lean"][0] != 500
