@@ -35,7 +35,7 @@ from mitmproxy.proxy.mode_servers import ServerInstance
 
 from . import pages, workers
 from .decision import Outcome, decide, note, where
-from .edge import LINGER_SECONDS, MAX_LEADING_EMPTY_LINES, refusal_bytes
+from .edge import LINGER_SECONDS, Edge, MAX_LEADING_EMPTY_LINES, refusal_bytes
 from .edge_rules import HEADER_TIMEOUT, Limits, Refusal, framing_violation, head_violation, incomplete_head_violation
 from .forwarded import auth_kind
 from .listeners import PLACEHOLDER_TARGET
@@ -376,7 +376,7 @@ class FastLane:
                           "is a mitmproxy flow, as under mitmdump.")
 
     def configure(self, updated: set[str]) -> None:
-        edge = next((m for m in self.chain.members if type(m).__name__ == "Edge"), None)
+        edge = next((m for m in self.chain.members if isinstance(m, Edge)), None)
         if edge is not None:
             self.limits = edge.limits
         if self.servers and updated & {"outpost_http_port", "outpost_https_port", "outpost_listen_host", "outpost_fast_lane"}:

@@ -47,7 +47,7 @@ from tests.support.authentik_api import (
     make_provider,
     self_signed_certificate,
 )
-from tests.support.processes import RUNNERS, browser, free_port
+from tests.support.processes import RUNNERS, browser, follow_login, free_port
 from tests.support.proxies import proxy_for, require_or_skip, standard_values
 
 MB = 1 << 20
@@ -189,20 +189,6 @@ def upload_head(host: str, length: int, path: str = "/upload/") -> bytes:
 def megabytes(n: int) -> Iterator[bytes]:
     for _ in range(n):
         yield b"u" * MB
-
-
-def follow_login(client: httpx2.Client, url: str, idp: str, user: str = "alice") -> httpx2.Response:
-    """Follow redirects from a protected URL through the dev IdP's login; the final answer."""
-    response = client.get(url)
-    for _ in range(10):
-        if response.status_code not in (301, 302, 303, 307):
-            return response
-        location = urllib.parse.urljoin(str(response.url), response.headers["location"])
-        if location.startswith(idp) and "/oauth2/authorize" in location:
-            response = client.post(location, data={"sub": user})
-        else:
-            response = client.get(location)
-    raise AssertionError("too many redirects")
 
 
 # --------------------------------------------------------------------------------------------- fixtures

@@ -15,7 +15,7 @@ import httpx2
 import pytest
 
 from mitm_outpost import names
-from tests.support.processes import RUNNERS, Outpost, free_port
+from tests.support.processes import RUNNERS, Outpost, follow_login, free_port
 from tests.support.proxies import FORWARD_AUTH_CONFIGS, ProxyProcess, proxy_for, require_or_skip, standard_values
 
 DOMAIN = "example.test"
@@ -64,16 +64,7 @@ class Setup:
 
 def login(client: httpx2.Client, setup: Setup, url: str, user: str = "alice") -> httpx2.Response:
     """Follow redirects from a protected URL through the dev IdP's login; returns the final answer."""
-    response = client.get(url)
-    for _ in range(10):
-        if response.status_code not in (301, 302, 303, 307):
-            return response
-        location = urllib.parse.urljoin(str(response.url), response.headers["location"])
-        if location.startswith(setup.idp) and "/oauth2/authorize" in location:
-            response = client.post(location, data={"sub": user})
-        else:
-            response = client.get(location)
-    raise AssertionError("too many redirects")
+    return follow_login(client, url, setup.idp, user)
 
 
 def received(response: httpx2.Response) -> dict[str, list[str]]:

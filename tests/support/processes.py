@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +136,17 @@ def mock_login(client: httpx2.Client, url: str, user: str = "alice") -> httpx2.R
     form = client.post(authorize.headers["location"], data={"sub": user})
     assert form.status_code == 302, form.text
     return client.get(form.headers["location"])
+
+
+def follow_login(client: httpx2.Client, url: str, idp: str, user: str = "alice") -> httpx2.Response:
+    """Follow redirects from a protected URL through the dev IdP's login; the final answer."""
+    response = client.get(url)
+    for _ in range(10):
+        if response.status_code not in (301, 302, 303, 307):
+            return response
+        location = urllib.parse.urljoin(str(response.url), response.headers["location"])
+        if location.startswith(idp) and "/oauth2/authorize" in location:
+            response = client.post(location, data={"sub": user})
+        else:
+            response = client.get(location)
+    raise AssertionError("too many redirects")

@@ -1,11 +1,14 @@
 """Unit-test helpers: providers built from config entries without any network (explicit endpoints)."""
 
+import time
 from typing import Any
 
 import pytest
 
 from mitm_outpost import config_schema as config, provider
+from mitm_outpost.identity import user_headers
 from mitm_outpost.registry import Registry
+from mitm_outpost.sessions import Session
 from mitm_outpost.oidc import IdentityProvider
 
 
@@ -26,3 +29,11 @@ def registry() -> Registry:
     reg = Registry()
     reg.replace("test-outpost", (make_provider(skip_path_regex="^/public/\n\n"),))
     return reg
+
+
+async def signed_in(registry: Registry) -> str:
+    """A session of alice at the registry's first provider, put in its store: the Cookie value."""
+    p = registry.providers[0]
+    headers = user_headers({"sub": "u1", "preferred_username": "alice"}, "tok", True)
+    await registry.store.put("sid-1", Session.of(provider=p.name, sub="u1", headers=headers, expires_at=time.time() + 60))
+    return f"{p.cookie_name}=sid-1"

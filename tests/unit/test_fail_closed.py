@@ -1,7 +1,6 @@
 """Fail closed, step by step: an exception in any step of the real chain answers the request
 at once, and nothing after that step acts on it; the request never reaches the upstream."""
 
-import time
 
 import pytest
 from mitmproxy import http
@@ -11,8 +10,8 @@ from mitmproxy.test import taddons, tflow, tutils
 from mitm_outpost import chain
 from mitm_outpost.registry import Registry
 from mitm_outpost.decision import exchange_of
-from mitm_outpost.identity import user_headers
-from mitm_outpost.sessions import Session, StoreUnavailable
+from mitm_outpost.sessions import StoreUnavailable
+from tests.unit.conftest import signed_in
 
 HOOKS = ("requestheaders", "request")
 
@@ -33,13 +32,6 @@ def _flow(path: str, cookie: str) -> http.HTTPFlow:
     return f
 
 
-async def _signed_in(registry: Registry) -> str:
-    p = registry.providers[0]
-    headers = user_headers({"sub": "u1", "preferred_username": "alice"}, "tok", True)
-    await registry.store.put("sid-1", Session.of(provider=p.name, sub="u1", headers=headers, expires_at=time.time() + 60))
-    return f"{p.cookie_name}=sid-1"
-
-
 def test_every_request_step_of_the_chain_is_covered() -> None:
     names = {cls.__name__ for cls, _ in REQUEST_STEPS}
     assert {"Routing", "Sanitize", "Endpoints", "SessionCheck", "HeaderAuth", "Gate", "Upstream"} <= names
@@ -47,7 +39,7 @@ def test_every_request_step_of_the_chain_is_covered() -> None:
 
 async def test_without_a_failure_the_same_request_goes_upstream(registry: Registry) -> None:
     """The control for the test below: this request is one that would pass."""
-    f = _flow("/private", await _signed_in(registry))
+    f = _flow("/private", await signed_in(registry))
     with taddons.context(chain.Chain(request_steps(registry))) as tctx:
         await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(f))
         await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
@@ -75,7 +67,7 @@ async def test_a_failing_step_answers_and_nothing_goes_upstream(registry: Regist
     monkeypatch.setattr(step, hook, broken)
     for cls in order[order.index(step) + 1:]:
         monkeypatch.setattr(cls, hook, recorder(f"{cls.__name__}.{hook}"))
-    f = _flow(path, await _signed_in(registry))
+    f = _flow(path, await signed_in(registry))
     with taddons.context(chain.Chain(request_steps(registry))) as tctx:
         await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(f))
         if f.response is None:

@@ -2,7 +2,6 @@
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -11,9 +10,8 @@ from mitmproxy.proxy.layers.http import HttpErrorHook, HttpRequestHeadersHook, H
 from mitmproxy.test import taddons, tflow, tutils
 
 from mitm_outpost import chain, turns
-from mitm_outpost.identity import user_headers
 from mitm_outpost.registry import Registry
-from mitm_outpost.sessions import Session
+from tests.unit.conftest import signed_in
 
 
 def _flow(cookie: str = "") -> http.HTTPFlow:
@@ -23,13 +21,6 @@ def _flow(cookie: str = "") -> http.HTTPFlow:
     if cookie:
         f.request.headers["Cookie"] = cookie
     return f
-
-
-async def _signed_in(registry: Registry) -> str:
-    p = registry.providers[0]
-    headers = user_headers({"sub": "u1", "preferred_username": "alice"}, "tok", True)
-    await registry.store.put("sid-1", Session.of(provider=p.name, sub="u1", headers=headers, expires_at=time.time() + 60))
-    return f"{p.cookie_name}=sid-1"
 
 
 @contextlib.contextmanager
@@ -54,9 +45,9 @@ async def test_answers_without_a_session_take_turns_in_arrival_order(registry: R
         assert [t.done() for t in tasks] == [True, False, False], "one answer in work, the others wait"
         assert all(f.response is not None and f.response.status_code == 302 for f in (first, second, third))
 
-        signed_in = _flow(await _signed_in(registry))
-        assert (await _started(tctx, signed_in)).done(), "a request with a session never waits for a turn"
-        assert signed_in.response is None
+        with_session = _flow(await signed_in(registry))
+        assert (await _started(tctx, with_session)).done(), "a request with a session never waits for a turn"
+        assert with_session.response is None
 
         await tctx.master.addons.handle_lifecycle(HttpResponseHook(first))
         await asyncio.sleep(0)
