@@ -133,7 +133,8 @@ class Chain:
         if flow.response is not None:
             # Answered by the outpost: no "100 Continue" first (the edge answers at once and discards
             # what is still coming).
-            flow.request.headers.pop("Expect", None)
+            if "Expect" in flow.request.headers:  # a lookup, where pop() looks up and then walks the fields
+                del flow.request.headers["Expect"]
         exchange = exchange_of(flow)
         if flow.response is not None or exchange is None or not exchange.proxied:
             flow.request.stream = False  # mitmproxy streams a large body upstream unless told: only after a verdict

@@ -72,6 +72,10 @@ class Head:
         self.fields.append((name, value))
 
 
+_lookup_keys: dict[str, bytes] = {}  # a looked-up name, as the index holds it
+_NONE: list[str] = []
+
+
 class IndexedHeaders(http.Headers):  # type: ignore[misc]
     """mitmproxy's Headers, looked up by name through an index made once per field tuple.
 
@@ -81,34 +85,43 @@ class IndexedHeaders(http.Headers):  # type: ignore[misc]
     tuple, which makes the index stale; it is made again at the next lookup."""
 
     _indexed: tuple[tuple[bytes, bytes], ...] = ()
-    _index: dict[bytes, list[bytes]] = {}
+    _index: dict[bytes, list[str]] = {}
 
-    def get_all(self, name: str | bytes) -> list[str]:
+    def _values(self, name: str | bytes) -> list[str]:
         fields = self.fields
         if fields is not self._indexed:
-            index: dict[bytes, list[bytes]] = {}
+            index: dict[bytes, list[str]] = {}
             for key, value in fields:
-                index.setdefault(key.lower(), []).append(value)
+                index.setdefault(key.lower(), []).append(value.decode("utf-8", "surrogateescape"))
             self._indexed, self._index = fields, index
-        key = (name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")).lower()
-        return [value.decode("utf-8", "surrogateescape") for value in self._index.get(key, ())]
+        key = _lookup_keys.get(name) if isinstance(name, str) else None
+        if key is None:
+            key = (name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")).lower()
+            if isinstance(name, str) and len(_lookup_keys) < 256:  # the names the code asks for: a few dozen
+                _lookup_keys[name] = key
+        return self._index.get(key, _NONE)
 
     # The same answers as mitmproxy's Mapping-based ones, without their three layers of calls.
+    def get_all(self, name: str | bytes) -> list[str]:
+        return list(self._values(name))
+
     def get(self, name: str | bytes, default: Any = None) -> Any:
-        values = self.get_all(name)
-        return ", ".join(values) if values else default
+        values = self._values(name)
+        return default if not values else values[0] if len(values) == 1 else ", ".join(values)
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, (str, bytes)) and bool(self.get_all(name))
+        return isinstance(name, (str, bytes)) and bool(self._values(name))
 
 
 def make_request(method: bytes, target: bytes, version: bytes, fields: list[tuple[bytes, bytes]],
                  content: bytes, started: float) -> http.Request:
     """A request as mitmproxy's reverse mode makes it, from the parser's fields (pages.unchecked)."""
+    headers = object.__new__(IndexedHeaders)  # httptools gives bytes only: Headers.__init__ checks no more
+    headers.fields = tuple(fields)
     request = object.__new__(http.Request)
     request.data = pages.unchecked(
         http.RequestData, host="127.0.0.1", port=1, method=method, scheme=b"http", authority=b"", path=target,
-        http_version=version, headers=IndexedHeaders(fields), content=content, trailers=None,
+        http_version=version, headers=headers, content=content, trailers=None,
         timestamp_start=started, timestamp_end=time.time())
     request.stream = False
     return request

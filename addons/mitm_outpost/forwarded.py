@@ -6,6 +6,7 @@ path that different servers could read differently (encoded slashes, `;`, backsl
 reported as ambiguous so that nothing URL-based can let it through.
 """
 
+import functools
 import re
 import string
 from dataclasses import dataclass
@@ -126,8 +127,20 @@ def _build(scheme: str, host: str, uri: str) -> OriginalRequest:
     return parse_original_url(f"{scheme}://{host}{uri}", raw_path=uri.split("?", 1)[0])
 
 
+MEMO_URL_LENGTH = 2048  # longer URLs are parsed each time, never kept
+
+
 def parse_original_url(value: str, raw_path: str | None = None) -> OriginalRequest:
-    """A full URL sent by a proxy (X-Original-URL), judged as a browser would parse it."""
+    """A full URL sent by a proxy (X-Original-URL), judged as a browser would parse it.
+
+    A reverse proxy asks about the same few URLs over and over (a page, its assets), and the
+    judgement is a pure function of the two strings: remembered for the last 1024 of them."""
+    if len(value) > MEMO_URL_LENGTH:
+        return _judge_original_url(value, raw_path)
+    return _remembered_original_url(value, raw_path)
+
+
+def _judge_original_url(value: str, raw_path: str | None) -> OriginalRequest:
     if has_control_chars(value):
         return OriginalRequest("", "", "", None)
     try:
@@ -142,6 +155,9 @@ def parse_original_url(value: str, raw_path: str | None = None) -> OriginalReque
         raw_path = after_scheme[slash:].split("?", 1)[0].split("#", 1)[0] if slash >= 0 else "/"
     path = normalise_path(raw_path)
     return OriginalRequest(url.href, url.host, url.hostname, path, path is not None and path == raw_path)
+
+
+_remembered_original_url = functools.lru_cache(maxsize=1024)(_judge_original_url)
 
 
 def _build_host_only(host: str) -> OriginalRequest:

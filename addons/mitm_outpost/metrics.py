@@ -30,6 +30,7 @@ from .prometheus_metrics import (
 
 # Label values come from configuration or from short fixed lists, never from client input.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+_METHOD_LABELS = {method.encode(): method for method in METHODS}  # the request's bytes as sent -> its label
 
 
 logger = logging.getLogger("mitm_outpost")
@@ -87,15 +88,20 @@ class Metrics:
         record = flow.metadata.get(METADATA_KEY)
         if not record:
             return
-        provider = self.registry.by_name.get(record.get("provider", ""))
-        host = provider.external_origin.split("//", 1)[1] if provider else ""
-        method = flow.request.method if flow.request.method in METHODS else "OTHER"
+        provider_name = record.get("provider", "")
+        provider = self.registry.by_name.get(provider_name)
+        method = _METHOD_LABELS.get(flow.request.data.method, "OTHER")
         outcome = record.get("outcome", "")
         name = self.registry.outpost_name
-        end = flow.response.timestamp_end if flow.response and flow.response.timestamp_end else time.time()
+        response = flow.response
+        end = response.data.timestamp_end if response and response.data.timestamp_end else time.time()
         code = record.get("code", "")
         kind = "ping" if code in names.HEALTH else "app"
-        self.child(REQUESTS, name, method, host, kind).observe(end - flow.request.timestamp_start)
+        host = provider.external_origin.partition("//")[2] if provider else ""
+        requests = self.children.get((REQUESTS, provider_name, method, kind))
+        if requests is None:
+            requests = self.children[(REQUESTS, provider_name, method, kind)] = self.child(REQUESTS, name, method, host, kind)
+        requests.observe(end - flow.request.data.timestamp_start)
         if route := record.get("route"):
             self.child(ROUTES, route).inc()
         if provider is not None:
@@ -104,10 +110,10 @@ class Metrics:
                 LOGINS.labels(provider.name).inc()
             elif record.get("endpoint") == names.CALLBACK and outcome == "denied":
                 CALLBACK_FAILURES.labels(provider.name, code).inc()
-            if outcome in ("allowed", "skipped") and flow.response and flow.response.timestamp_start and flow.request.timestamp_end:
+            if outcome in ("allowed", "skipped") and response and response.timestamp_start and flow.request.timestamp_end:
                 upstream = provider.backend
                 self.child(UPSTREAM, name, method, upstream.scheme if upstream else "", host,
-                           upstream.host_header if upstream else "").observe(flow.response.timestamp_start - flow.request.timestamp_end)
+                           upstream.host_header if upstream else "").observe(response.timestamp_start - flow.request.timestamp_end)
 
     async def running(self) -> None:
         if workers.is_worker():

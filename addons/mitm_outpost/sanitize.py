@@ -33,6 +33,19 @@ def is_protected(name: bytes) -> bool:
     return key in _PROTECTED or (key.startswith(_PREFIXES) and key not in CLIENT_CERTIFICATE)
 
 
+_classes: dict[bytes, tuple[bytes, bool]] = {}  # a field name as sent -> its folded key, and whether it is protected
+
+
+def _classify(name: bytes) -> tuple[bytes, bool]:
+    """A request names a dozen fields, mostly the same dozen: each name is folded and judged once."""
+    found = _classes.get(name)
+    if found is None:
+        found = (name.lower().replace(b"_", b"-"), is_protected(name))
+        if len(_classes) < 4096:  # beyond, names a client made up are judged each time, not kept
+            _classes[name] = found
+    return found
+
+
 def is_websocket_handshake(request: http.Request) -> bool:
     """RFC 6455 §4.1: a GET with `Upgrade: websocket` alone and `upgrade` among the Connection tokens."""
     headers = request.headers
@@ -44,10 +57,11 @@ def is_websocket_handshake(request: http.Request) -> bool:
 def forwardable(request: http.Request) -> tuple[tuple[bytes, bytes], ...]:
     """The client's fields that may travel on: no identity or forwarding names, no hop-by-hop
     fields (WebSocket handshakes keep their `Connection: Upgrade` and `Upgrade: websocket`)."""
-    fields = request.headers.fields
-    named = {t.strip().lower().replace(b"_", b"-") for n, v in fields if n.lower() == b"connection" for t in v.split(b",")}
-    drop = HOP_BY_HOP | (named - _CONNECTION_OPTIONS - _NEVER_NAMED)
-    kept = tuple(f for f in fields if not is_protected(f[0]) and f[0].lower().replace(b"_", b"-") not in drop)
+    classified = [(field, *_classify(field[0])) for field in request.headers.fields]
+    named = {t.strip().lower().replace(b"_", b"-")
+             for (_, value), key, _ in classified if key == b"connection" for t in value.split(b",")}
+    drop = HOP_BY_HOP | (named - _CONNECTION_OPTIONS - _NEVER_NAMED) if named else HOP_BY_HOP
+    kept = tuple(field for field, key, protected in classified if not protected and key not in drop)
     return kept + WEBSOCKET_UPGRADE if is_websocket_handshake(request) else kept
 
 
@@ -57,15 +71,17 @@ class Sanitize:
         if exchange is None:
             return
         fields = flow.request.headers.fields
+        forward = forwardable(flow.request)
         kept = []
-        for name, value in forwardable(flow.request):
-            if name.lower() == b"cookie" and _COOKIE_PREFIX in value:
+        for name, value in forward:
+            if _COOKIE_PREFIX in value and name.lower() == b"cookie":
                 value = self._take_cookies(value, exchange)
                 if not value:
                     continue
             kept.append((name, value))
         if tuple(kept) != fields:
             flow.request.headers.fields = tuple(kept)
+        if forward != fields:  # fields were dropped, not only the outpost's cookies taken
             left = {n.lower() for n, _ in kept} | {b"cookie"}
             dropped = {n.decode("latin-1") for n, _ in fields if n.lower() not in left}
             if dropped:
