@@ -198,7 +198,8 @@ class Connection(asyncio.Protocol):
         if self.busy or self.closing or self.write_paused:
             return
         if self.take_request():
-            self.wake()
+            if self.buf or self.eof:  # a pipelined request, or the close: otherwise data_received wakes us
+                self.wake()
         elif self.eof and not (self.busy or self.closing):
             self.close()  # nothing more will come, and nothing is left to answer
 
