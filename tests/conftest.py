@@ -5,11 +5,27 @@ from collections.abc import Iterator
 
 import pytest
 
+from mitm_outpost.testing.processes import free_port
 from tests.support.hostile import BODY_MARKER, QUERY_MARKER
-from tests.support.processes import Process, free_port, mock_idp, whoami
+from tests.support.processes import Process, mock_idp, whoami
+
+# What each test file exercises, beyond the product itself (`scripts/test -m product` is the inner loop;
+# pyproject.toml describes the markers). A file not named here tests the product.
+EXERCISES = {
+    "docs_configs": ("test_proxy_configs.py", "test_seed_configs.py", "test_plugin_example.py", "test_browser.py"),
+    "doubles": ("test_authentik_api_double.py", "test_panva_harness.py"),
+    "bench": ("test_bench_smoke.py",),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(next((mark for mark, files in EXERCISES.items() if item.path.name in files), "product"))
+
 
 # What no outpost log line may ever contain: a JWT, an outpost cookie value, an authorization code.
-SECRET_PATTERNS = (re.compile(r"eyJ[\w-]{8,}\.[\w-]{8,}\."), re.compile(r"authentik_proxy_[0-9a-f]{8}(_login)?=[\w-]{16,}"),
+SECRET_PATTERNS = (re.compile(r"eyJ[\w-]{8,}\.[\w-]{8,}\."),
+                   re.compile(r"authentik_proxy_[0-9a-f]{8}(_login)?=[\w-]{16,}"),
                    re.compile(r"[?&]code=[\w-]{8,}"))
 # What tests put in query strings and request bodies: a client's data, which no log line may repeat.
 CLIENT_DATA_MARKERS = (QUERY_MARKER, BODY_MARKER)
@@ -24,10 +40,13 @@ def outpost_logs_hold_no_secrets() -> Iterator[None]:
         if not any("outpost" in arg for arg in process.args):
             continue
         text = process.output
-        secrets = set(re.findall(r"(?:client_secret|cookie_secret|session_store_password): (\S{6,})", _configs(process)))
+        secrets = set(re.findall(r"(?:client_secret|cookie_secret|session_store_password): (\S{6,})",
+                                 _configs(process)))
         problems += [f"{process.args[:3]}: secret {s[:4]}…" for s in secrets if s in text]
-        problems += [f"{process.args[:3]}: {p.pattern} matches {m.group(0)[:24]}…" for p in SECRET_PATTERNS for m in [p.search(text)] if m]
-        problems += [f"{process.args[:3]}: client data marker {marker}" for marker in CLIENT_DATA_MARKERS if marker in text]
+        problems += [f"{process.args[:3]}: {p.pattern} matches {m.group(0)[:24]}…"
+                     for p in SECRET_PATTERNS for m in [p.search(text)] if m]
+        problems += [f"{process.args[:3]}: client data marker {marker}"
+                     for marker in CLIENT_DATA_MARKERS if marker in text]
     assert not problems, "secrets in outpost logs:\n" + "\n".join(problems)
 
 

@@ -8,9 +8,10 @@ import json
 import logging
 import time
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
+from . import names
 from .decision import METADATA_KEY, printable
 
 access_logger = logging.getLogger("mitm_outpost.access")
@@ -26,8 +27,15 @@ class AccessLog:
 
     def load(self, loader: Loader) -> None:
         loader.add_option("outpost_access_log", str, "auto",
-                          "One line per request: json, text, off, or auto (json in the lean runner, off in mitmdump/mitmweb).",
+                          "One line per request: json, text, off, or auto "
+                          "(json in the lean runner, off in mitmdump/mitmweb).",
                           choices=FORMATS)
+
+    def configure(self, updated: set[str]) -> None:
+        # mitmproxy shows `choices` but does not enforce them: `--set outpost_access_log=xml` would pass.
+        if "outpost_access_log" in updated and ctx.options.outpost_access_log not in FORMATS:
+            raise exceptions.OptionsError(f"outpost_access_log: one of {', '.join(FORMATS)}, not "
+                                          f"{ctx.options.outpost_access_log!r}")
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.write(flow, flow.response.status_code if flow.response else 0)
@@ -52,7 +60,9 @@ class AccessLog:
             "time": round(time.time(), 3),
             "provider": record.get("provider", ""),
             "method": request.method,
-            "host": request.headers.get("X-Forwarded-Host") if record.get("outcome") in ("allowed", "skipped", "backend") else request.host_header,
+            "host": request.headers.get(names.FORWARDED_HOST)
+            if record.get("outcome") in ("allowed", "skipped", "backend")
+            else request.host_header,
             "path": request.path.partition("?")[0][:2048],
             "status": status,
             "route": record.get("route", "outpost"),
@@ -62,7 +72,8 @@ class AccessLog:
             "uid": record.get("uid", ""),
             "duration_ms": round((end - request.timestamp_start) * 1000, 2),
         }
-        if response is not None and record.get("outcome") in ("allowed", "skipped") and response.timestamp_start and request.timestamp_end:
+        if (response is not None and record.get("outcome") in ("allowed", "skipped")
+                and response.timestamp_start and request.timestamp_end):
             line["upstream_ms"] = round((response.timestamp_start - request.timestamp_end) * 1000, 2)
         if incomplete:
             line["incomplete"] = True
@@ -71,4 +82,13 @@ class AccessLog:
         if style == "json":
             access_logger.info(json.dumps(line, separators=(",", ":")))
         else:
-            access_logger.info(" ".join(f"{k}={printable(str(v), 2048)}" for k, v in line.items()))
+            access_logger.info(" ".join(f"{k}={logfmt(str(v))}" for k, v in line.items()))
+
+
+def logfmt(value: str) -> str:
+    """A value of a text line: quoted when it holds a space, `"` or `=`, so that a client's string (a Host with
+    ` status=200` in it) reads as one value and never as fields of its own."""
+    text = printable(value, 2048)
+    if not any(c in text for c in ' "='):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -28,9 +28,9 @@ import websockets
 from mitmproxy import ctx
 
 from . import __version__, config_schema, names, provider
-from .registry import Registry
 from .oidc import IdentityProvider
 from .provider import Provider
+from .registry import Registry
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -45,9 +45,10 @@ STARTUP_RETRY = 3.0
 BACKOFF_MAX = 300.0
 HELLO, TRIGGER_UPDATE, SESSION_END = 1, 2, 4
 # Fields of authentik's ProxyOutpostConfig that we read; anything else it sends is ignored.
-PROVIDER_FIELDS = tuple(k for k in config_schema.PROVIDER_FIELDS if k not in ("issuer", "certificate", *config_schema.EXPLICIT_ENDPOINTS,
-                                                                        "end_session_endpoint", "userinfo_endpoint",
-                                                                        "introspection_endpoint", "verify_bearer_jwt_locally"))
+PROVIDER_FIELDS = tuple(k for k in config_schema.PROVIDER_FIELDS
+                        if k not in ("issuer", "certificate", *config_schema.EXPLICIT_ENDPOINTS,
+                                     "end_session_endpoint", "userinfo_endpoint",
+                                     "introspection_endpoint", "verify_bearer_jwt_locally"))
 
 
 class InvalidToken(Exception):
@@ -188,7 +189,8 @@ class AuthentikSource:
                 logger.error("authentik's providers cannot be served: %s; retrying in %.0f s", e, STARTUP_RETRY)
                 await asyncio.sleep(STARTUP_RETRY)
             except Exception as e:
-                logger.warning("authentik at %s is not reachable yet (%s); retrying in %.0f s", api.settings.host, describe(e), STARTUP_RETRY)
+                logger.warning("authentik at %s is not reachable yet (%s); retrying in %.0f s",
+                               api.settings.host, describe(e), STARTUP_RETRY)
                 await asyncio.sleep(STARTUP_RETRY)
 
     async def refresh_loop(self, api: Api) -> None:
@@ -207,7 +209,8 @@ class AuthentikSource:
                     backoff = STARTUP_RETRY
                     break
                 except Exception as e:
-                    logger.warning("refresh from authentik failed (%s); keeping the last good providers, retrying in %.0f s", describe(e), backoff)
+                    logger.warning("refresh from authentik failed (%s); keeping the last good providers, "
+                                   "retrying in %.0f s", describe(e), backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(BACKOFF_MAX, backoff * 2)
 
@@ -239,7 +242,8 @@ class AuthentikSource:
         if entry.get("certificate"):
             values["certificate"] = str(await self.certificate(api, str(entry["certificate"])))
         settings = config_schema.parse({"providers": [values]}).providers[0]
-        idp = await asyncio.to_thread(IdentityProvider.from_settings, settings, not (self.settings and self.settings.insecure))
+        idp = await asyncio.to_thread(IdentityProvider.from_settings, settings,
+                                      not (self.settings and self.settings.insecure))
         return provider.build(settings, outpost_name, idp, release=self.registry.authentik_release)
 
     async def certificate(self, api: Api, pk: str) -> Path:
@@ -264,14 +268,16 @@ class AuthentikSource:
         attempt, backoff = 0, 1.0
         while True:
             attempt += 1
-            query = [*urllib.parse.parse_qsl(self.settings.query), ("instance_uuid", self.instance), ("attempt", str(attempt))]
+            query = [*urllib.parse.parse_qsl(self.settings.query), ("instance_uuid", self.instance),
+                     ("attempt", str(attempt))]
             url = f"{self.settings.websocket_base}ws/outpost/{self.outpost.get('pk')}/?" + urllib.parse.urlencode(query)
             context = None
             if url.startswith("wss:") and self.settings.insecure:
                 context = ssl.create_default_context()
                 context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
             try:
-                async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {self.settings.token}"},
+                async with websockets.connect(url,
+                                              additional_headers={"Authorization": f"Bearer {self.settings.token}"},
                                               user_agent_header=USER_AGENT, ssl=context) as ws:
                     backoff = 1.0
                     logger.info("authentik: websocket connected")
@@ -323,6 +329,7 @@ def browser_facing(oidc: dict[str, Any], host_browser: str) -> dict[str, Any]:
     for key in ("authorization_endpoint", "end_session_endpoint", "issuer"):
         if isinstance(oidc.get(key), str) and oidc[key]:
             parts = urllib.parse.urlsplit(oidc[key])
-            rewritten[key] = urllib.parse.urlunsplit((browser.scheme, browser.netloc, parts.path, parts.query, parts.fragment))
+            rewritten[key] = urllib.parse.urlunsplit((browser.scheme, browser.netloc, parts.path, parts.query,
+                                                      parts.fragment))
     return rewritten
 

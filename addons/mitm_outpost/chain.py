@@ -28,19 +28,19 @@ from mitmproxy.addonmanager import Loader
 from . import pages
 from .access_log import AccessLog
 from .authentik import AuthentikSource
-from .file_source import FileSource
-from .registry import Registry
 from .debugging import Commands
 from .decision import Outcome, decide, exchange_of, where
 from .edge import Edge
 from .embedded import Embedded
 from .endpoints import Endpoints
 from .fast_lane import FastLane
+from .file_source import FileSource
 from .gate import Gate
 from .header_auth import HeaderAuth
 from .lifecycle import Lifecycle
 from .listeners import Listeners
 from .metrics import Metrics
+from .registry import Registry
 from .routing import Routing
 from .sanitize import Sanitize
 from .session_check import SessionCheck, store_unavailable
@@ -153,9 +153,11 @@ class Chain:
             try:
                 hook(flow)
             except Exception as e:
-                logger.error("addon error in %s (%s); the upstream's answer is replaced by a 502", hook.__qualname__, where(e))
+                logger.error("addon error in %s (%s); the upstream's answer is replaced by a 502",
+                             hook.__qualname__, where(e))
                 flow.response = pages.page(502, "Bad gateway", "The outpost could not check the application's answer.")
-                decide(flow, Outcome.DENIED, "step_failed", f"{hook.__qualname__} failed on the response", logging.ERROR)
+                decide(flow, Outcome.DENIED, "step_failed", f"{hook.__qualname__} failed on the response",
+                       logging.ERROR)
                 return
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -176,11 +178,13 @@ def refuse_after_failure(flow: http.HTTPFlow, hook: Hook, error: Exception) -> N
     logger.error("addon error in %s (%s); the request is refused", hook.__qualname__, where(error))
     status = getattr(getattr(hook, "__self__", None), "failure_status", 403)
     if status == 503:
-        flow.response = pages.page(503, "Service unavailable", "A service the outpost needs did not answer. Try again in a moment.")
+        flow.response = pages.page(503, "Service unavailable",
+                                   "A service the outpost needs did not answer. Try again in a moment.")
         flow.response.headers["Retry-After"] = "5"
     else:
         flow.response = pages.page(403, "Forbidden", "The outpost could not decide about this request.")
-    decide(flow, Outcome.DENIED, "step_failed", f"{hook.__qualname__} failed ({type(error).__name__}); refused", logging.ERROR)
+    decide(flow, Outcome.DENIED, "step_failed", f"{hook.__qualname__} failed ({type(error).__name__}); refused",
+           logging.ERROR)
 
 
 def build(registry: Registry | None = None, interactive: bool = True, fast_lane: bool = False) -> Chain:
@@ -208,7 +212,8 @@ def build(registry: Registry | None = None, interactive: bool = True, fast_lane:
         Gate(registry),  # 5-6. the verdict over the facts above: allow, skip, login, redirect or deny
         Turns(),  # answers without a session wait their turn: a flood of them cannot crowd out signed-in users
         Upstream(registry),  # 7-8. the last gate; backend, forwarding and identity headers
-        *lane,  # the production runner's listeners: forward-auth checks and endpoints answered without mitmproxy's layers
+        # the production runner's listeners: forward-auth checks and endpoints answered without mitmproxy's layers
+        *lane,
     ])
     for member in lane:
         member.chain = outpost

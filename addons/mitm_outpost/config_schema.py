@@ -37,7 +37,8 @@ PROVIDER_FIELDS: dict[str, Field] = {
     "mode": Field(str, default=Mode.PROXY.value),
     "internal_host": Field(str, default=""),
     "internal_host_ssl_validation": Field(bool, default=True),
-    # Not an authentik field: the Host the application receives, the client's (authentik's behaviour) or internal_host's.
+    # Not an authentik field: the Host the application receives, the client's (authentik's behaviour)
+    # or internal_host's.
     "upstream_host": Field(str, default="client"),
     "client_id": Field(str, required=True),
     "client_secret": Field(str, default="", secret=True),
@@ -126,7 +127,8 @@ def parse(doc: Any, base: Path = Path(".")) -> OutpostConfig:
         providers.append(values)
     store = outpost["session_store"]
     if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("section 'outpost': field 'session_store': must be 'memory' or a redis://, rediss:// or unix:// URL")
+        raise ConfigError("section 'outpost': field 'session_store': "
+                          "must be 'memory' or a redis://, rediss:// or unix:// URL")
     return OutpostConfig(outpost["name"], tuple(providers), store, outpost["session_store_password"])
 
 
@@ -195,13 +197,15 @@ def _check_provider(values: dict[str, Any], label: str) -> None:
         modes = ", ".join(m.value for m in Mode)
         raise ConfigError(f"{label}: field 'mode': must be one of {modes}") from None
     if values["mode"] == Mode.PROXY and not values["internal_host"]:
-        raise ConfigError(f"{label}: field 'internal_host': required in proxy mode")
+        raise ConfigError(f"{label}: field 'internal_host': required in {Mode.PROXY} mode")
     if values["upstream_host"] not in UPSTREAM_HOSTS:
         raise ConfigError(f"{label}: field 'upstream_host': must be one of {', '.join(UPSTREAM_HOSTS)}")
     if values["mode"] == Mode.FORWARD_DOMAIN and not values["cookie_domain"]:
-        raise ConfigError(f"{label}: field 'cookie_domain': required in forward_domain mode")
+        raise ConfigError(
+            f"{label}: field 'cookie_domain': required in {Mode.FORWARD_DOMAIN} mode")
     oidc = values["oidc_configuration"] or {}
-    for endpoint in ("issuer", *EXPLICIT_ENDPOINTS, "end_session_endpoint", "userinfo_endpoint", "introspection_endpoint"):
+    for endpoint in ("issuer", *EXPLICIT_ENDPOINTS, "end_session_endpoint", "userinfo_endpoint",
+                     "introspection_endpoint"):
         if not values[endpoint] and isinstance(oidc.get(endpoint), str):
             values[endpoint] = oidc[endpoint]
     if not values["issuer"]:

@@ -19,11 +19,11 @@ from mitmproxy import command, contentviews, ctx, http
 from mitmproxy.addonmanager import Loader
 
 from . import names
-from .registry import Registry
 from .config_schema import PROVIDER_FIELDS
 from .decision import METADATA_KEY
 from .identity import build_session
 from .oidc import HMAC_ALGORITHMS
+from .registry import Registry
 from .sessions import new_id
 
 logger = logging.getLogger("mitm_outpost")
@@ -46,16 +46,11 @@ class JwtView(contentviews.Contentview):
     """Every JWT of a message (headers, cookies, form or JSON body): header, claims with
     readable times, and whether the signature verifies with the provider's keys."""
 
+    name = "JWT"
+    syntax_highlight: contentviews.SyntaxHighlight = "yaml"
+
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-
-    @property
-    def name(self) -> str:
-        return "JWT"
-
-    @property
-    def syntax_highlight(self) -> contentviews.SyntaxHighlight:
-        return "yaml"
 
     def tokens(self, data: bytes, metadata: contentviews.Metadata) -> Iterator[tuple[str, str]]:
         message = metadata.http_message
@@ -82,7 +77,8 @@ class JwtView(contentviews.Contentview):
                 parts.append(f"# {where}: not a JWT ({e})")
                 continue
             shown = {k: (_when(v) if k in TIME_CLAIMS else v) for k, v in claims.items()}
-            parts.append(f"# {where}\nheader: {json.dumps(header)}\nsignature: {self.signature(token, header, provider)}\n"
+            parts.append(f"# {where}\nheader: {json.dumps(header)}\n"
+                         f"signature: {self.signature(token, header, provider)}\n"
                          f"claims:\n{json.dumps(shown, indent=2, ensure_ascii=False)}")
         if not parts:
             raise ValueError("no JWT in this message")
@@ -103,20 +99,16 @@ class JwtView(contentviews.Contentview):
             jwt.decode(token, key, algorithms=[alg], options={"verify_aud": False, "verify_exp": False})
         except jwt.PyJWTError as e:
             return f"INVALID for {provider.name}'s issuer: {e}"
-        expired = "exp" in (claims := jwt.decode(token, options={"verify_signature": False})) and claims["exp"] < time.time()
+        expired = ("exp" in (claims := jwt.decode(token, options={"verify_signature": False}))
+                   and claims["exp"] < time.time())
         return f"valid ({alg}, {provider.name}'s issuer)" + (", but EXPIRED" if expired else "")
 
 
 class IdentityView(contentviews.Contentview):
     """What the upstream received from the outpost, and what the client sent that was dropped."""
 
-    @property
-    def name(self) -> str:
-        return "Outpost identity"
-
-    @property
-    def syntax_highlight(self) -> contentviews.SyntaxHighlight:
-        return "yaml"
+    name = "Outpost identity"
+    syntax_highlight: contentviews.SyntaxHighlight = "yaml"
 
     def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
         return -1  # chosen by hand; never hides the body
@@ -126,14 +118,17 @@ class IdentityView(contentviews.Contentview):
         if not isinstance(flow, http.HTTPFlow):
             raise ValueError("not an HTTP flow")
         record = flow.metadata.get(METADATA_KEY) or {}
-        ours = {n.lower() for n in (*names.IDENTITY_HEADERS, *names.LEGACY_HEADERS, *names.FORWARDING_HEADERS, "Host", "Authorization")}
+        ours = {n.lower() for n in (*names.ALL_IDENTITY_HEADERS, *names.FORWARDING_HEADERS, "Host", "Authorization")}
         sent = [f"  {k}: {v[:120]}" for k, v in flow.request.headers.items(multi=True) if k.lower() in ours]
         stripped = record.get("stripped_headers", "")
         lines = [f"decision: {record.get('outcome', '-')} ({record.get('reason', '')})",
-                 f"provider: {record.get('provider', '-')}   session: {record.get('session', '-')}   user: {record.get('user', '-')}",
-                 "identity and forwarding headers the upstream received:" if record.get("outcome") in ("allowed", "skipped")
+                 f"provider: {record.get('provider', '-')}   session: {record.get('session', '-')}   "
+                 f"user: {record.get('user', '-')}",
+                 "identity and forwarding headers the upstream received:"
+                 if record.get("outcome") in ("allowed", "skipped")
                  else "identity and forwarding headers on the request (not proxied):", *(sent or ["  (none)"]),
-                 "client-sent headers the outpost dropped:", *([f"  {n}" for n in stripped.split(", ")] if stripped else ["  (none)"])]
+                 "client-sent headers the outpost dropped:",
+                 *([f"  {n}" for n in stripped.split(", ")] if stripped else ["  (none)"])]
         return "\n".join(lines)
 
 
@@ -144,7 +139,8 @@ class Commands:
 
     def load(self, loader: Loader) -> None:
         loader.add_option("outpost_debug_login", bool, False,
-                          "Enable the outpost.login_as command: a session for any user without the IdP (debugging only).")
+                          "Enable the outpost.login_as command: "
+                          "a session for any user without the IdP (debugging only).")
         for view in self.views:
             contentviews.add(view)
 
@@ -175,7 +171,8 @@ class Commands:
     @command.command("outpost.config")
     def config(self) -> str:
         """The providers' configuration, secrets masked."""
-        masked = [{k: ("***" if k in SECRET_FIELDS and v else v) for k, v in p.settings.items() if v not in (None, "", [])}
+        masked = [{k: ("***" if k in SECRET_FIELDS and v else v)
+                   for k, v in p.settings.items() if v not in (None, "", [])}
                   for p in self.registry.providers]
         return json.dumps({"outpost": self.registry.outpost_name, "providers": masked}, indent=2, default=str)
 

@@ -122,7 +122,8 @@ def decide(flow: http.HTTPFlow, outcome: Outcome, code: str, reason: str, level:
     flow.comment = f"outpost{who}: {outcome.value} ({code}): {reason}"
     flow.marked = MARKS[outcome]
     if logger.isEnabledFor(level):  # the arguments cost more than the check (Host is a scan of every header)
-        logger.log(level, "%s %s%s %s (%s): %s", printable(flow.request.method), printable(flow.request.host_header or ""),
+        logger.log(level, "%s %s%s %s (%s): %s", printable(flow.request.method),
+                   printable(flow.request.host_header or ""),
                    printable(flow.request.path.partition("?")[0]), outcome.value, code, printable(reason))
 
 

@@ -23,12 +23,12 @@ from cachetools import TTLCache
 from mitmproxy import http
 
 from . import names, pages
-from .registry import Registry
 from .decision import Exchange, Outcome, decide, exchange_of, note, printable, undecided, without_query
 from .forwarded import ProxyKind
 from .login import LoginFailed, begin_login, finish_login
 from .oidc import TokenError
 from .provider import Provider
+from .registry import Registry
 from .session_check import load_session
 from .urls import origin
 
@@ -46,7 +46,7 @@ def marker(query: str) -> tuple[str, str] | None:
 
     As authentik (`strings.EqualFold(query.Get(key), "true")`): the key's first value, `true` in any
     case; the callback's marker before the sign-out's."""
-    if "%" not in query and "X-authentik-" not in query:  # nearly every query: not even parsed
+    if "%" not in query and names.AUTHENTIK_PREFIX not in query:  # nearly every query: not even parsed
         return None
     first: dict[str, str] = {}
     for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True):
@@ -127,8 +127,10 @@ class Endpoints:
         if endpoint == names.BACKCHANNEL_LOGOUT:
             length = flow.request.headers.get("Content-Length", "0")
             if not length.isdigit() or int(length) > BACKCHANNEL_BODY_LIMIT:
-                flow.response = pages.json_error(413, "invalid_request", detail=f"the body may hold at most {BACKCHANNEL_BODY_LIMIT} bytes")
-                decide(flow, Outcome.DENIED, "body_too_large", "back-channel logout refused: body too large", logging.WARNING)
+                flow.response = pages.json_error(413, "invalid_request",
+                                                 detail=f"the body may hold at most {BACKCHANNEL_BODY_LIMIT} bytes")
+                decide(flow, Outcome.DENIED, "body_too_large", "back-channel logout refused: body too large",
+                       logging.WARNING)
                 return
             exchange.deferred = True  # its logout_token is in the body: answered in request()
             exchange.body_limit = BACKCHANNEL_BODY_LIMIT
@@ -159,8 +161,10 @@ class Endpoints:
         """The IdP ends sessions server to server: every session of that `sid`, or of that user."""
         if flow.request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
             # mitmproxy would decompress without a bound: 169 bytes of bz2 become hundreds of MB.
-            flow.response = pages.json_error(415, "unsupported_media_type", detail="send the logout_token without Content-Encoding")
-            decide(flow, Outcome.DENIED, "content_encoding", "back-channel logout with a Content-Encoding refused", logging.WARNING)
+            flow.response = pages.json_error(415, "unsupported_media_type",
+                                             detail="send the logout_token without Content-Encoding")
+            decide(flow, Outcome.DENIED, "content_encoding", "back-channel logout with a Content-Encoding refused",
+                   logging.WARNING)
             return
         form = flow.request.urlencoded_form if flow.request.method == "POST" else None
         token = form.get("logout_token", "") if form is not None else ""
@@ -179,17 +183,20 @@ class Endpoints:
         else:
             ended = await self.registry.store.delete_user(provider.name, str(claims["sub"]))
         flow.response = pages.empty(200)
-        decide(flow, Outcome.ENDPOINT, "backchannel_logout", f"back-channel logout: ended {ended} session(s)", logging.INFO)
+        decide(flow, Outcome.ENDPOINT, "backchannel_logout", f"back-channel logout: ended {ended} session(s)",
+               logging.INFO)
 
     async def start(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider) -> None:
         rd = _rd(exchange.query)
         redirect = provider.safe_redirect(rd) if rd else None
         if rd and redirect is None:
-            logger.warning("provider %s: refused rd=%r (not on %s)", provider.name, printable(without_query(rd)), provider.external_origin)
+            logger.warning("provider %s: refused rd=%r (not on %s)", provider.name, printable(without_query(rd)),
+                           provider.external_origin)
         refused = " (rd refused)" if rd and redirect is None else ""
         redirect = redirect or provider.external_origin + "/"
         flow.response = await begin_login(self.registry, exchange, provider, redirect)
-        decide(flow, Outcome.ENDPOINT, "start", f"start: sent to the identity provider, back to {without_query(redirect)}{refused}")
+        decide(flow, Outcome.ENDPOINT, "start",
+               f"start: sent to the identity provider, back to {without_query(redirect)}{refused}")
 
     async def callback(self, flow: http.HTTPFlow, exchange: Exchange, provider: Provider, query: str) -> None:
         """`query`: the request's, or the original URL's for a check. A check's retry link is the host's root,
@@ -201,8 +208,10 @@ class Endpoints:
             # which anyone can write into a URL, only to the page.
             error = printable(params["error"], 80)
             description = params.get("error_description", "")
-            flow.response = pages.page(403, "Sign-in refused", f"The identity provider refused the login: {error} {description}".strip(), retry)
-            decide(flow, Outcome.DENIED, "idp_refused", f"callback: the identity provider refused the login: {error}", logging.WARNING)
+            flow.response = pages.page(403, "Sign-in refused",
+                                       f"The identity provider refused the login: {error} {description}".strip(), retry)
+            decide(flow, Outcome.DENIED, "idp_refused", f"callback: the identity provider refused the login: {error}",
+                   logging.WARNING)
             return
         redirect = await finish_login(self.registry, exchange, provider, params)
         if isinstance(redirect, LoginFailed):
@@ -236,4 +245,5 @@ class Endpoints:
             flow.response = pages.redirect(provider.idp.end_session_url(session.id_token_hint), status)
         else:
             flow.response = pages.page(200, "Signed out", "You are signed out.")
-        decide(flow, Outcome.ENDPOINT, "sign_out", f"sign_out: ended {ended} session(s) of {session.username}", logging.INFO)
+        decide(flow, Outcome.ENDPOINT, "sign_out", f"sign_out: ended {ended} session(s) of {session.username}",
+               logging.INFO)

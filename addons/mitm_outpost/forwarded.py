@@ -15,6 +15,7 @@ from enum import StrEnum
 import ada_url
 from mitmproxy import http
 
+from . import names
 from .urls import HTTP_SCHEMES, has_control_chars
 
 
@@ -26,13 +27,13 @@ class ProxyKind(StrEnum):
 
 
 # Where each kind asks (both prefixes), including seed 002's `/akprox/auth?nginx` spellings.
-AUTH_PREFIX = "/outpost.goauthentik.io/auth/"
+AUTH_PREFIX = f"{names.OUTPOST_PREFIX}{names.FORWARD_AUTH}/"
 AUTH_PATHS = {
-    f"{prefix}auth/{kind.value}": kind for prefix in ("/outpost.goauthentik.io/", "/akprox/") for kind in ProxyKind
+    f"{prefix}{names.FORWARD_AUTH}/{kind.value}": kind for prefix in names.ENDPOINT_PREFIXES for kind in ProxyKind
 }
-LEGACY_QUERY_PATH = "/akprox/auth"
+LEGACY_QUERY_PATH = names.LEGACY_PREFIX + names.FORWARD_AUTH
 LEGACY_QUERY_KINDS = (ProxyKind.NGINX.value, ProxyKind.TRAEFIK.value)
-ENVOY_PREFIX = f"{AUTH_PREFIX}envoy"
+ENVOY_PREFIX = f"{AUTH_PREFIX}{ProxyKind.ENVOY.value}"
 
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -70,7 +71,8 @@ def auth_kind(path: str, query: str) -> ProxyKind | None:
     if path == LEGACY_QUERY_PATH and query in LEGACY_QUERY_KINDS:
         return ProxyKind(query)
     if path.lower().startswith(LEGACY_QUERY_PATH + "%3f") and path[len(LEGACY_QUERY_PATH) + 3:] in LEGACY_QUERY_KINDS:
-        return ProxyKind(path[len(LEGACY_QUERY_PATH) + 3:])  # nginx escapes the `?` of `auth_request /akprox/auth?nginx`
+        # nginx escapes the `?` of `auth_request /akprox/auth?nginx`
+        return ProxyKind(path[len(LEGACY_QUERY_PATH) + 3:])
     return AUTH_PATHS.get(path)
 
 
@@ -80,7 +82,8 @@ def normalise_path(raw: str) -> str | None:
     Returns None for a path servers disagree about, so no skip rule can match it."""
     if not raw.startswith("/") or has_control_chars(raw):
         return None
-    decoded = _PERCENT.sub(lambda m: chr(int(m[1], 16)) if chr(int(m[1], 16)) in _UNRESERVED else "%" + m[1].upper(), raw)
+    decoded = _PERCENT.sub(lambda m: chr(int(m[1], 16)) if chr(int(m[1], 16)) in _UNRESERVED else "%" + m[1].upper(),
+                           raw)
     if any(marker in decoded for marker in _AMBIGUOUS):
         return None
     segments: list[str] = []
@@ -105,17 +108,17 @@ def original_request(kind: ProxyKind, request: http.Request, path: str, query: s
     headers = request.headers
     host_header = headers.get("Host", "")
     if kind is ProxyKind.NGINX:
-        host = headers.get("X-Forwarded-Host") or host_header  # seed 002's config sends only that
-        if uri := headers.get("X-Original-URI"):
-            scheme = headers.get("X-Forwarded-Proto", "http")
+        host = headers.get(names.FORWARDED_HOST) or host_header  # seed 002's config sends only that
+        if uri := headers.get(names.ORIGINAL_URI):
+            scheme = headers.get(names.FORWARDED_PROTO, "http")
             return _build(scheme, host, uri)
-        if url := headers.get("X-Original-URL"):
+        if url := headers.get(names.ORIGINAL_URL):
             return parse_original_url(url)
         return _build_host_only(host)
     if kind is ProxyKind.ENVOY:
         rest = path[len(ENVOY_PREFIX):] or "/"
-        return _build(headers.get("X-Forwarded-Proto", "http"), host_header, rest + (f"?{query}" if query else ""))
-    proto, fhost, uri = (headers.get(h, "") for h in ("X-Forwarded-Proto", "X-Forwarded-Host", "X-Forwarded-Uri"))
+        return _build(headers.get(names.FORWARDED_PROTO, "http"), host_header, rest + (f"?{query}" if query else ""))
+    proto, fhost, uri = (headers.get(h, "") for h in (names.FORWARDED_PROTO, names.FORWARDED_HOST, names.FORWARDED_URI))
     if not (proto and fhost and uri):
         return _build_host_only(fhost or host_header)
     return _build(proto, fhost, uri)

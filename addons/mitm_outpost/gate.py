@@ -14,23 +14,23 @@ import urllib.parse
 from mitmproxy import http
 
 from . import names, pages
-from .registry import Registry
 from .decision import Exchange, Outcome, decide, undecided
-from .forwarded import ProxyKind
 from .login import begin_login
 from .names import Mode
+from .registry import Registry
 from .verdict import Action, Credential, Facts, Reason, Verdict, verdict
 
 logger = logging.getLogger("mitm_outpost")
 
 # On a rule-allowed answer every identity header is present and empty, so no proxy passes on
 # the client's own copy.
-EMPTY_IDENTITY = tuple((name.encode(), b"") for name in (*names.IDENTITY_HEADERS, *names.LEGACY_HEADERS))
+EMPTY_IDENTITY = tuple((name.encode(), b"") for name in names.ALL_IDENTITY_HEADERS)
 OUTCOMES = {Action.ALLOW: Outcome.ALLOWED, Action.SKIP: Outcome.SKIPPED, Action.LOGIN: Outcome.REDIRECTED,
             Action.REDIRECT: Outcome.REDIRECTED, Action.DENY: Outcome.DENIED}
 TEXTS = {
     Reason.FORWARD_AUTH_HOST: "not an outpost endpoint (forward-auth provider)",
-    Reason.NON_NORMAL_PATH: "the path is not in normal form (dot segments, encoded dots, repeated slashes): sent to its normal form",
+    Reason.NON_NORMAL_PATH: "the path is not in normal form (dot segments, encoded dots, repeated slashes): "
+                            "sent to its normal form",
     Reason.BACKEND_INVALID: "the user's ak_proxy backend claims are not valid",
     Reason.UNAUTHENTICATED_PATH: "matches an unauthenticated-path rule; no identity sent",
     Reason.HEADER_AUTH_FAILED: "the Authorization header did not authenticate",
@@ -67,7 +67,8 @@ def facts_of(flow: http.HTTPFlow, exchange: Exchange) -> Facts:
     # Where a login would return to matters only without a credential: not worth a URL parse per signed-in check.
     needs_return = credential in (Credential.NONE, Credential.HEADER_FAILED)
     return Facts(check=kind, rule_match=original.normal and provider.is_skipped(target),
-                 return_url_known=not needs_return or bool(original.url) and provider.safe_redirect(original.url) is not None,
+                 return_url_known=not needs_return
+                 or bool(original.url) and provider.safe_redirect(original.url) is not None,
                  **common)
 
 
@@ -104,7 +105,8 @@ class Gate:
             text = f"{TEXTS[decision.reason]} {exchange.normal_path}"
         elif decision.action is Action.LOGIN:
             target = provider.external_origin + flow.request.path
-            flow.response = pages.redirect(f"{provider.external_origin}{names.START_PATH}?rd={urllib.parse.quote(target, safe='')}")
+            flow.response = pages.redirect(
+                f"{provider.external_origin}{names.START_PATH}?rd={urllib.parse.quote(target, safe='')}")
             text = f"no session: sent to sign in, back to {exchange.path}"
         elif decision.reason is Reason.BACKEND_INVALID:
             assert session is not None
@@ -143,10 +145,13 @@ class Gate:
     @staticmethod
     def refusal(decision: Verdict, www_authenticate: str) -> http.Response:
         if decision.reason is Reason.HEADER_AUTH_FAILED:
-            response = pages.page(401, "Unauthenticated", "The Authorization header did not authenticate, and 'Receive header "
+            response = pages.page(401, "Unauthenticated",
+                                  "The Authorization header did not authenticate, and 'Receive header "
                                   "authentication' is on, so no redirect is performed.")
             response.headers["WWW-Authenticate"] = www_authenticate
             return response
         if decision.reason is Reason.FORWARD_AUTH_HOST:
-            return pages.page(404, "Not found", "This host is protected in forward-auth mode; only the outpost endpoints answer here.")
-        return pages.page(decision.status, "Unauthenticated", "Sign in first; this request cannot follow a login redirect.")
+            return pages.page(404, "Not found",
+                              "This host is protected in forward-auth mode; only the outpost endpoints answer here.")
+        return pages.page(decision.status, "Unauthenticated",
+                          "Sign in first; this request cannot follow a login redirect.")

@@ -34,11 +34,11 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from . import pages
-from .registry import Registry
 from .decision import Outcome, decide, note, undecided
 from .identity import build_session
 from .oidc import IdPUnavailable, TokenError
 from .provider import Provider
+from .registry import Registry
 from .sessions import Session
 
 logger = logging.getLogger("mitm_outpost")

@@ -63,7 +63,8 @@ def user_headers(claims: dict[str, Any], raw_token: str, legacy: bool) -> Header
         (names.JWT, raw_token),
     ]
     if legacy:
-        headers += [(header, username if claim == "preferred_username" else _claim(claims, claim)) for header, claim in names.LEGACY_HEADERS.items()]
+        headers += [(header, username if claim == "preferred_username" else _claim(claims, claim))
+                    for header, claim in names.LEGACY_HEADERS.items()]
     return as_fields((name, _safe_value(value)) for name, value in headers)
 
 
@@ -92,7 +93,8 @@ def build_session(provider: "Provider", claims: dict[str, Any], raw_token: str, 
         sub=str(claims["sub"]),
         headers=user_headers(kept, raw_token, legacy) + extra,
         # With Basic upstream on, Authorization towards the app is the outpost's alone.
-        replaces=shared(frozenset({b"host"} | {name.lower() for name, _ in extra} | ({b"authorization"} if provider.basic_auth else set()))),
+        replaces=shared(frozenset({b"host"} | {name.lower() for name, _ in extra}
+                                  | ({b"authorization"} if provider.basic_auth else set()))),
         expires_at=time.time() + (lifetime or provider.session_lifetime),
         idp_sid=str(claims.get("sid") or ""),
         id_token=id_token if id_token != raw_token else "",
@@ -101,14 +103,16 @@ def build_session(provider: "Provider", claims: dict[str, Any], raw_token: str, 
     )
 
 
-def basic_upstream(attributes: dict[str, Any], claims: dict[str, Any], names_: tuple[str, str], who: str) -> HeaderFields:
+def basic_upstream(attributes: dict[str, Any], claims: dict[str, Any], names_: tuple[str, str],
+                   who: str) -> HeaderFields:
     """`Authorization: Basic` for the upstream from the user's attributes; none without a password."""
     user_attribute, password_attribute = names_
     password = attributes.get(password_attribute)
     user = attributes.get(user_attribute) if user_attribute else None
     user = user if isinstance(user, str) and user else claims.get("email")
     if not isinstance(password, str) or not password or not isinstance(user, str) or not user:
-        logger.warning("%s: no HTTP Basic credentials for the upstream (attribute %r or the user name is missing)", who, password_attribute)
+        logger.warning("%s: no HTTP Basic credentials for the upstream (attribute %r or the user name is missing)",
+                       who, password_attribute)
         return ()
     credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
     return as_fields([("Authorization", f"Basic {credentials}")])
@@ -125,7 +129,8 @@ def additional_headers(value: Any, basic_upstream_on: bool, who: str) -> HeaderF
     accepted = []
     for name, raw in value.items():
         key = names.header_key(str(name))
-        text = raw if isinstance(raw, str) else json.dumps(raw) if not isinstance(raw, (int, float)) or isinstance(raw, bool) else str(raw)
+        text = (raw if isinstance(raw, str)
+                else json.dumps(raw) if not isinstance(raw, (int, float)) or isinstance(raw, bool) else str(raw))
         refused = (
             not isinstance(name, str) or not _TOKEN.match(name) or "_" in name
             or key in names.PROTECTED_HEADER_KEYS or key.startswith(names.PROTECTED_HEADER_PREFIXES)

@@ -8,7 +8,6 @@ self-signed one made here; mitmproxy's interception CA never signs for the outpo
 
 import datetime
 import ipaddress
-import logging
 import os
 from pathlib import Path
 
@@ -18,15 +17,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from mitmproxy import ctx, exceptions
 from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy.mode_specs import ProxyMode
 
 from .registry import Registry
 
-logger = logging.getLogger("mitm_outpost")
-
-# Reverse mode needs a target; every request is re-targeted per provider before it leaves,
-# so this address is never dialled (connection_strategy=lazy).
-PLACEHOLDER_TARGET = "http://127.0.0.1:1"
+# Reverse mode needs a target; every request is re-targeted per provider before it leaves, so this
+# address is never dialled (connection_strategy=lazy), and it says so where mitmweb shows the mode.
+PLACEHOLDER_TARGET = "http://per-provider.invalid:1"
 DEFAULT_CERT_FILE = "outpost-default-cert.pem"
+STREAM_LARGE_BODIES = str(1024 * 1024)  # bytes, spelled as mitmweb's status bar can show it ("1m" reads NaN there)
+SHOWN_PROVIDERS = 3  # in a listener's description; more are counted
 
 
 class Listeners:
@@ -38,15 +38,19 @@ class Listeners:
 
     def providers_changed(self) -> None:
         """A new provider set (a refresh from authentik) may bring new hosts and certificates."""
+        self.describe(ctx.options.mode)
         if self.registry.sources.get("authentik") is not None:
             ctx.options.update(certs=self.certificates())
 
     def load(self, loader: Loader) -> None:
         http_host, http_port = listen_env("AUTHENTIK_LISTEN__HTTP", 9000)
         _, https_port = listen_env("AUTHENTIK_LISTEN__HTTPS", 9443)
-        loader.add_option("outpost_http_port", int, http_port, "Port of the outpost's plain HTTP listener (env AUTHENTIK_LISTEN__HTTP).")
-        loader.add_option("outpost_https_port", int, https_port, "Port of the outpost's HTTPS listener, 0 turns it off (env AUTHENTIK_LISTEN__HTTPS).")
-        loader.add_option("outpost_listen_host", str, http_host, "Address the outpost listens on (empty: all interfaces).")
+        loader.add_option("outpost_http_port", int, http_port,
+                          "Port of the outpost's plain HTTP listener (env AUTHENTIK_LISTEN__HTTP).")
+        loader.add_option("outpost_https_port", int, https_port,
+                          "Port of the outpost's HTTPS listener, 0 turns it off (env AUTHENTIK_LISTEN__HTTPS).")
+        loader.add_option("outpost_listen_host", str, http_host,
+                          "Address the outpost listens on (empty: all interfaces).")
 
     def configure(self, updated: set[str]) -> None:
         ours = {"outpost_http_port", "outpost_https_port", "outpost_listen_host", "outpost_config"}
@@ -59,9 +63,18 @@ class Listeners:
         if ctx.options.mode == ["regular"] or updated & ours - {"outpost_config"}:
             changes["mode"] = self.modes()
         if not ctx.options.stream_large_bodies:
-            changes["stream_large_bodies"] = "1m"
+            changes["stream_large_bodies"] = STREAM_LARGE_BODIES
         changes["certs"] = self.certificates()
+        self.describe(changes.get("mode", ctx.options.mode))
         ctx.options.update(**changes)
+
+    def describe(self, specs: list[str]) -> None:
+        """mitmproxy names a listener by its mode (`reverse proxy to <target>`, in its start-up lines
+        and in mitmweb's list of servers): ours say what they serve instead of the placeholder."""
+        for spec in specs:
+            mode = ProxyMode.parse(spec)  # cached: the instance mitmproxy's servers use
+            if spec.startswith(f"reverse:{PLACEHOLDER_TARGET}@"):
+                object.__setattr__(mode, "description", serving(self.registry))
 
     def running(self) -> None:
         """mitmproxy loads `-s` scripts after it has started its servers from the startup options,
@@ -87,6 +100,17 @@ class Listeners:
             self.fallback = (path, without)
         # Later entries win in mitmproxy's cert store, so the fallback goes first.
         return [f"*={path}"] + [f"{p.hostname}={p.certificate}" for p in own]
+
+
+def serving(registry: Registry) -> str:
+    """What the outpost serves, as one line: each provider's name, external origin, mode and backend."""
+    shown = [f"{p.name} {p.external_origin} ({p.mode.value}"
+             + (f" to {p.backend.scheme}://{p.backend.host}:{p.backend.port})" if p.backend else ")")
+             for p in registry.providers[:SHOWN_PROVIDERS]]
+    more = len(registry.providers) - SHOWN_PROVIDERS
+    if more > 0:
+        shown.append(f"and {more} more")
+    return f"authentik outpost for {', '.join(shown)}" if shown else "authentik outpost (no providers loaded yet)"
 
 
 def listen_env(name: str, default_port: int) -> tuple[str, int]:

@@ -15,11 +15,11 @@ import jwt
 from mitmproxy import http
 
 from . import names, pages
-from .registry import Registry
 from .decision import Exchange
 from .identity import build_session
 from .oidc import TokenError
 from .provider import Provider
+from .registry import Registry
 from .sessions import LOGIN_TTL, LoginRefused, PendingLogin, new_id
 
 logger = logging.getLogger("mitm_outpost")
@@ -54,7 +54,8 @@ async def begin_login(registry: Registry, exchange: Exchange, provider: Provider
         {"iss": f"goauthentik.io/outpost/{provider.client_id}", "state": state_id, "iat": now, "exp": now + LOGIN_TTL},
         provider.state_key, algorithm="HS256",
     )
-    redirect_uri = provider.legacy_redirect_uri if exchange.path.startswith(names.LEGACY_PREFIX) else provider.redirect_uri
+    redirect_uri = (provider.legacy_redirect_uri if exchange.path.startswith(names.LEGACY_PREFIX)
+                    else provider.redirect_uri)
     login = provider.idp.login_request(redirect_uri, provider.scope, state)
     await registry.store.put_login(
         state_id,
@@ -64,7 +65,8 @@ async def begin_login(registry: Registry, exchange: Exchange, provider: Provider
 
 
 
-async def finish_login(registry: Registry, exchange: Exchange, provider: Provider, params: dict[str, str]) -> str | LoginFailed:
+async def finish_login(registry: Registry, exchange: Exchange, provider: Provider,
+                       params: dict[str, str]) -> str | LoginFailed:
     """Complete the login: the session is stored and its cookie queued; returns where to go next."""
     state, code = params.get("state", ""), params.get("code", "")
     if not state or not code:

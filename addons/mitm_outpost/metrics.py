@@ -20,13 +20,22 @@ from mitmproxy.addonmanager import Loader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, names, workers
-from .registry import Registry
 from .decision import METADATA_KEY
 from .listeners import listen_env
 from .prometheus_metrics import (
-    CALLBACK_FAILURES, DECISIONS, INFO, LAST_UPDATE, LOGINS, PROMETHEUS, REQUESTS, ROUTES, SESSIONS, UPSTREAM,
+    CALLBACK_FAILURES,
+    DECISIONS,
+    INFO,
+    LAST_UPDATE,
+    LOGINS,
+    PROMETHEUS,
+    REQUESTS,
+    ROUTES,
+    SESSIONS,
+    UPSTREAM,
     WORKER_READY,
 )
+from .registry import Registry
 
 # Label values come from configuration or from short fixed lists, never from client input.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
@@ -42,7 +51,8 @@ REFRESH = 0.5  # seconds between a worker's gauge updates
 def add_options(loader: Loader) -> None:
     """The listener's options: the addon's, and the supervisor's, which serves the port for its workers."""
     host, port = listen_env("AUTHENTIK_LISTEN__METRICS", 9300)
-    loader.add_option("metrics_port", int, port, "Port of the metrics listener: /metrics and /outpost.goauthentik.io/ping "
+    loader.add_option("metrics_port", int, port,
+                      "Port of the metrics listener: /metrics and /outpost.goauthentik.io/ping "
                       "(0 turns it off; env AUTHENTIK_LISTEN__METRICS).")
     loader.add_option("metrics_listen_host", str, host, "Address of the metrics listener (empty: all interfaces).")
 
@@ -100,7 +110,8 @@ class Metrics:
         host = provider.external_origin.partition("//")[2] if provider else ""
         requests = self.children.get((REQUESTS, provider_name, method, kind))
         if requests is None:
-            requests = self.children[(REQUESTS, provider_name, method, kind)] = self.child(REQUESTS, name, method, host, kind)
+            requests = self.children[(REQUESTS, provider_name, method, kind)] = self.child(
+                REQUESTS, name, method, host, kind)
         requests.observe(end - flow.request.data.timestamp_start)
         if route := record.get("route"):
             self.child(ROUTES, route).inc()
@@ -110,10 +121,11 @@ class Metrics:
                 LOGINS.labels(provider.name).inc()
             elif record.get("endpoint") == names.CALLBACK and outcome == "denied":
                 CALLBACK_FAILURES.labels(provider.name, code).inc()
-            if outcome in ("allowed", "skipped") and response and response.timestamp_start and flow.request.timestamp_end:
-                upstream = provider.backend
-                self.child(UPSTREAM, name, method, upstream.scheme if upstream else "", host,
-                           upstream.host_header if upstream else "").observe(response.timestamp_start - flow.request.timestamp_end)
+            upstream = provider.backend  # None in the forward-auth modes: a check the outpost answered went nowhere
+            if (upstream is not None and outcome in ("allowed", "skipped") and response and response.timestamp_start
+                    and flow.request.timestamp_end):
+                self.child(UPSTREAM, name, method, upstream.scheme, host, upstream.host_header).observe(
+                    response.timestamp_start - flow.request.timestamp_end)
 
     async def running(self) -> None:
         if workers.is_worker():
@@ -149,10 +161,12 @@ async def serve(host: str, port: int, metrics: Callable[[], bytes], ready: Calla
             if path == "/metrics":
                 status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, metrics()
             elif path in PING_PATHS:
-                status, content_type, body = ("204 No Content" if ready() else "503 Service Unavailable"), "text/plain", b""
+                status, content_type, body = (("204 No Content" if ready() else "503 Service Unavailable"),
+                                              "text/plain", b"")
             else:
                 status, content_type, body = "404 Not Found", "text/plain", b"not found\n"
-            head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            head = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
             writer.write(head.encode() + body)
             await writer.drain()
         except (TimeoutError, ConnectionError):

@@ -111,7 +111,6 @@ class LoginRequest:
     """What /start sends to the IdP and what the callback needs to finish the login."""
 
     url: str
-    state: str
     nonce: str
     code_verifier: str
 
@@ -210,7 +209,7 @@ class IdentityProvider:
             scope=scope or None, state=state, nonce=nonce, code_challenge=create_s256_code_challenge(verifier),
             code_challenge_method="S256",
         )
-        return LoginRequest(url=url, state=state, nonce=nonce, code_verifier=verifier)
+        return LoginRequest(url=url, nonce=nonce, code_verifier=verifier)
 
     async def _send(self, call: str, method: str, url: str, **request: Any) -> httpx2.Response:
         """One call to the issuer on this IdP's client. Raises IdPUnavailable when the IdP does not
@@ -318,10 +317,8 @@ class IdentityProvider:
             raise TokenError("logout_token names neither sid nor sub")
         return claims
 
-    def end_session_url(self, id_token_hint: str, post_logout_redirect_uri: str = "") -> str:
+    def end_session_url(self, id_token_hint: str) -> str:
         params = {"id_token_hint": id_token_hint, "client_id": self.client_id}
-        if post_logout_redirect_uri:
-            params["post_logout_redirect_uri"] = post_logout_redirect_uri
         return str(httpx2.URL(self.end_session_endpoint, params=params))
 
 

@@ -3,7 +3,6 @@
 import html
 import json
 import time
-
 from typing import Any, TypeVar
 
 from mitmproxy import http
@@ -88,6 +87,7 @@ def server_starting(wants_json: bool) -> http.Response:
         response = http.Response.make(503, json.dumps({"error": "authentik starting"}),
                                       {"Content-Type": "application/json", **NO_STORE})
     else:
-        response = page(503, "authentik is starting", "The authentik server is not reachable right now. Try again in a moment.")
+        response = page(503, "authentik is starting",
+                        "The authentik server is not reachable right now. Try again in a moment.")
     response.headers["Retry-After"] = "5"
     return response

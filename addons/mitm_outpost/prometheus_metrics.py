@@ -22,16 +22,19 @@ REQUESTS = Histogram("authentik_outpost_proxy_request_duration_seconds", "Reques
                      ("outpost_name", "method", "host", "type"), registry=PROMETHEUS)
 UPSTREAM = Histogram("authentik_outpost_proxy_upstream_response_duration_seconds", "Upstream response time",
                      ("outpost_name", "method", "scheme", "host", "upstream_host"), registry=PROMETHEUS)
-DECISIONS = Counter("mitm_outpost_decisions_total", "Decisions by provider and outcome", ("provider", "outcome"), registry=PROMETHEUS)
+DECISIONS = Counter("mitm_outpost_decisions_total", "Decisions by provider and outcome", ("provider", "outcome"),
+                    registry=PROMETHEUS)
 LOGINS = Counter("mitm_outpost_logins_total", "Completed browser logins", ("provider",), registry=PROMETHEUS)
-CALLBACK_FAILURES = Counter("mitm_outpost_callback_failures_total", "Failed login callbacks", ("provider", "reason"), registry=PROMETHEUS)
+CALLBACK_FAILURES = Counter("mitm_outpost_callback_failures_total", "Failed login callbacks", ("provider", "reason"),
+                            registry=PROMETHEUS)
 EDGE_REFUSALS = Counter("mitm_outpost_edge_refusals_total", "Requests refused at the HTTP edge, before any decision",
                         ("code",), registry=PROMETHEUS)
 ROUTES = Counter("mitm_outpost_routes_total", "Requests by the way they went in embedded mode (outpost or backend)",
                  ("route",), registry=PROMETHEUS)
 SESSIONS = Gauge("mitm_outpost_sessions", "Sessions this replica holds (in memory or its local cache)",
                  multiprocess_mode="livesum", registry=PROMETHEUS)
-IDP_LATENCY = Histogram("mitm_outpost_idp_request_duration_seconds", "Calls to the identity provider", ("call",), registry=PROMETHEUS)
+IDP_LATENCY = Histogram("mitm_outpost_idp_request_duration_seconds", "Calls to the identity provider", ("call",),
+                        registry=PROMETHEUS)
 # Workers only: what the supervisor's /ping reads (one sample per live worker, by pid). Not in any
 # registry, so a single process's /metrics does not show it.
 WORKER_READY = Gauge("mitm_outpost_worker_ready", "Whether this worker is ready (providers loaded, store up)",

@@ -6,23 +6,34 @@ Keys are namespaced per provider and expire in Redis by themselves. Two indexes,
 touch Redis; every deletion is published, and every replica drops the entry from its cache
 within a second. Logins in progress are shared too, so a callback may land on any replica.
 Every Redis failure becomes StoreUnavailable: the chain answers 503, never lets a request pass.
+Replicas of different releases share the store, so a stored session carries its format version and
+names headers through that version's frozen table: what a replica cannot read counts as signed out.
 """
 
 import asyncio
 import dataclasses
 import json
 import logging
+import re
 import time
 from typing import Any
 
 import redis.asyncio as redis
+from cachetools import TTLCache
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from cachetools import TTLCache
 
 from . import names
-from .sessions import (LOGIN_TTL, LoginRefused, PendingLogin, Session, StoreUnavailable, header_value, shared,
-                       storage_key)
+from .sessions import (
+    LOGIN_TTL,
+    LoginRefused,
+    PendingLogin,
+    Session,
+    StoreUnavailable,
+    header_value,
+    shared,
+    storage_key,
+)
 
 logger = logging.getLogger("mitm_outpost")
 
@@ -61,17 +72,37 @@ def session_key(provider: str, key: str) -> str:
     return f"{PREFIX}{provider}:s:{key[:32]}"
 
 
-# Known header names travel as their index in this list.
-KNOWN_NAMES = tuple(n.encode() for n in (*names.IDENTITY_HEADERS, *names.LEGACY_HEADERS))
-NAME_INDEX = {n: i for i, n in enumerate(KNOWN_NAMES)}
+# The stored format, versioned: each session carries its version ("f"), and a known header name travels as its
+# index in that version's table. So a table is frozen: written out, never derived from names.py (whose tuples may be
+# reordered), never edited once released. Indexing another name or changing the fields is a new version with a
+# table of its own; the old versions stay readable. A name its table lacks travels as itself.
+# Version 1 is also every session stored without "f": releases before the tag wrote none, and they read every
+# session with table 1, so no other table may be written while such a release still runs.
+FORMAT_VERSION = 1
+NAME_TABLES: dict[int, tuple[str, ...]] = {
+    1: ("X-authentik-username", "X-authentik-groups", "X-authentik-entitlements", "X-authentik-email",
+        "X-authentik-name", "X-authentik-uid", "X-authentik-jwt", "X-authentik-meta-jwks", "X-authentik-meta-outpost",
+        "X-authentik-meta-provider", "X-authentik-meta-app", "X-authentik-meta-version",
+        "X-Auth-Username", "X-Auth-Groups", "X-Forwarded-Email", "X-Forwarded-Preferred-Username", "X-Forwarded-User"),
+}
+FIELDS = frozenset({"f", "p", "h", "v", "e", "s", "i", "t", "b", "be", "r"})  # a field beyond these: a newer format
+_TABLES = {version: tuple(shared(name.encode()) for name in table) for version, table in NAME_TABLES.items()}
+NAME_INDEX = {name: i for i, name in enumerate(_TABLES[FORMAT_VERSION])}
+_TOKEN = re.compile(r"[!#$%&'*+.^`|~0-9A-Za-z-]+")  # a header name (RFC 9110 §5.1)
 DEFAULT_REPLACES = frozenset({b"host"})
 UID = names.UID.encode()  # the session's `sub`, which encode() then leaves out
+
+
+class Unreadable(ValueError):
+    """A stored session of an unknown version, or damaged: it counts as signed out. The message says what is
+    wrong and quotes nothing of the value, so it may be logged."""
 
 
 def encode(session: Session) -> str:
     """Only what the headers and sign-out need, compactly (a session stays under 2 KiB in Redis)."""
     layout = [[NAME_INDEX.get(name, name.decode("latin-1")), i] for name, i in session.layout]
-    doc: dict[str, Any] = {"p": session.provider, "h": layout, "v": session.values.decode("latin-1"), "e": session.expires_at}
+    doc: dict[str, Any] = {"f": FORMAT_VERSION, "p": session.provider, "h": layout,
+                           "v": session.values.decode("latin-1"), "e": session.expires_at}
     optional = {"s": session.sub if session.header(UID) != session.sub else None, "i": session.idp_sid,
                 "t": session.id_token, "b": session.backend, "be": session.backend_error,
                 "r": [r.decode("latin-1") for r in session.replaces] if session.replaces != DEFAULT_REPLACES else None}
@@ -80,23 +111,96 @@ def encode(session: Session) -> str:
 
 
 def decode(raw: bytes | str) -> Session:
-    d = json.loads(raw)
-    layout = shared(tuple((shared(KNOWN_NAMES[name] if isinstance(name, int) else name.encode("latin-1")), i) for name, i in d["h"]))
-    values = d["v"].encode("latin-1")
+    """The stored session, or Unreadable: every field is checked, so that what another version or damage left
+    can never become a session with a wrong header (or one that fails later, on a request)."""
+    try:
+        d = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
+        raise Unreadable("not JSON") from None
+    if not isinstance(d, dict):
+        raise Unreadable("not a JSON object")
+    version = d.get("f", 1)
+    if type(version) is not int:
+        raise Unreadable("a format version that is not an integer")
+    if version not in _TABLES:
+        raise Unreadable(f"unknown format version {str(version)[:12]}")
+    if not d.keys() <= FIELDS:
+        raise Unreadable(f"fields that format {version} does not have")
+    try:
+        return _session(d, _TABLES[version])
+    except (KeyError, TypeError, ValueError) as e:
+        raise Unreadable(f"{type(e).__name__}: {e}") from None  # ours or Python's: a field's name, never its value
+
+
+def _session(d: dict[str, Any], table: tuple[bytes, ...]) -> Session:
+    values = _bytes(d["v"])
+    count = values.count(b"\n") + 1
+    layout = shared(tuple((_name(name, table), _index(i, count)) for name, i in map(_pair, _list(d["h"]))))
+    if type(d["e"]) not in (int, float):
+        raise TypeError("an expiry that is not a number")
+    backend = None
+    if d.get("b"):
+        scheme, host, port, host_header = _list(d["b"])
+        backend = (_text(scheme), _text(host), _index(port, 65536), _text(host_header))
+    replaces = shared(frozenset(_bytes(r) for r in _list(d["r"]))) if d.get("r") else DEFAULT_REPLACES
     return Session(
-        provider=d["p"], sub=d.get("s") or header_value(layout, values, UID) or "", layout=layout, values=values, expires_at=d["e"],
-        idp_sid=d.get("i", ""), id_token=d.get("t", ""), backend=tuple(d["b"]) if d.get("b") else None,  # type: ignore[arg-type]
-        backend_error=d.get("be", ""),
-        replaces=shared(frozenset(r.encode("latin-1") for r in d["r"])) if d.get("r") else DEFAULT_REPLACES,
+        provider=_text(d["p"]), sub=_text(d.get("s", "")) or header_value(layout, values, UID) or "", layout=layout,
+        values=values, expires_at=d["e"], idp_sid=_text(d.get("i", "")), id_token=_text(d.get("t", "")),
+        backend=backend, backend_error=_text(d.get("be", "")), replaces=replaces,
     )
+
+
+def _name(name: Any, table: tuple[bytes, ...]) -> bytes:
+    """A header name: its index in the table, or itself."""
+    if isinstance(name, str):
+        if not _TOKEN.fullmatch(name):
+            raise ValueError("a header name that is not a token")
+        return shared(name.encode())
+    return table[_index(name, len(table))]
+
+
+def _index(value: Any, size: int) -> int:
+    """A JSON integer from 0 to size - 1 (an index, a port): never a boolean, never negative (an index Python
+    would count from the end)."""
+    if type(value) is not int or not 0 <= value < size:
+        raise ValueError("an index out of range")
+    return value
+
+
+def _pair(value: Any) -> list[Any]:
+    pair = _list(value)
+    if len(pair) != 2:
+        raise ValueError("a header that is not a [name, value] pair")
+    return pair
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError("a list expected")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("text expected")
+    return value
+
+
+def _bytes(value: Any) -> bytes:
+    """Bytes as encode() stores them: text of one latin-1 character per byte."""
+    try:
+        return _text(value).encode("latin-1")
+    except UnicodeEncodeError:  # its message would quote the value
+        raise ValueError("text beyond latin-1") from None
 
 
 class RedisStore:
     def __init__(self, url: str, password: str | None = None) -> None:
         # One retry on a fresh connection: after a Redis restart the pooled ones are dead, and the first
         # command on each would otherwise fail a request that a new connection serves at once.
-        self.client = redis.Redis.from_url(url, password=password, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT,
-                                           health_check_interval=10, retry=Retry(NoBackoff(), 1),
+        self.client = redis.Redis.from_url(url, password=password, socket_timeout=TIMEOUT,
+                                           socket_connect_timeout=TIMEOUT, health_check_interval=10,
+                                           retry=Retry(NoBackoff(), 1),
                                            retry_on_error=[redis.ConnectionError])
         self.local: TTLCache[str, Session] = TTLCache(maxsize=100_000, ttl=LOCAL_TTL)
         self._delete_indexed = self.client.register_script(_DELETE_INDEXED)
@@ -166,8 +270,8 @@ class RedisStore:
             return None
         try:
             session = decode(raw)
-        except (ValueError, KeyError, TypeError, IndexError) as e:  # another version's format, or damage
-            logger.warning("redis: session %s… is unreadable (%s: %s); it counts as signed out", key[:24], type(e).__name__, e)
+        except Unreadable as e:
+            logger.warning("redis: session %s… is unreadable (%s); it counts as signed out", key[:24], e)
             return None
         self.local[key] = session
         return session

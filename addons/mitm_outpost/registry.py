@@ -44,12 +44,14 @@ class ProviderSet:
         for source, members in sources.items():
             for p in members:
                 if source_of.get(p.name, source) != source:
-                    raise config_schema.ConfigError(f"provider '{p.name}': field 'name': a provider from another source has this name")
+                    raise config_schema.ConfigError(
+                        f"provider '{p.name}': field 'name': a provider from another source has this name")
                 source_of[p.name] = source
                 for key in p.host_keys:
                     if key in by_host:
                         raise config_schema.ConfigError(
-                            f"provider '{p.name}': field 'external_host': provider '{by_host[key].name}' already serves {key}"
+                            f"provider '{p.name}': field 'external_host': "
+                            f"provider '{by_host[key].name}' already serves {key}"
                         )
                     by_host[key] = p
         hostnames = [p.hostname for p in providers]

@@ -12,14 +12,12 @@ import urllib.parse
 from mitmproxy import http
 
 from . import names, pages
-from .registry import Registry
 from .decision import Exchange, Outcome, begin, decide, note, printable
-from .embedded import EmbeddedBackend, is_backend_path
 from .edge_rules import fields_violation
+from .embedded import EmbeddedBackend, is_backend_path
 from .forwarded import auth_kind, normalise_path, original_request, parse_original_url
+from .registry import Registry
 from .verdict import Action, Reason, Verdict
-
-logger = logging.getLogger("mitm_outpost")
 
 HEALTH_PATHS = {prefix + name: name for prefix in names.ENDPOINT_PREFIXES for name in names.HEALTH}
 OWN_PATHS = frozenset(prefix + name for prefix in names.ENDPOINT_PREFIXES for name in names.ENDPOINTS)
@@ -43,7 +41,8 @@ def to_backend(flow: http.HTTPFlow, exchange: Exchange, embedded: EmbeddedBacken
     exchange.embedded, exchange.body_limit, exchange.verdict = embedded, embedded.body_limit, TO_BACKEND
     if certificates := flow.client_conn.certificate_list:
         pem = certificates[0].to_pem().decode()
-        exchange.client_certificate = f'Hash={certificates[0].fingerprint().hex()};Cert="{urllib.parse.quote(pem, safe="")}"'
+        exchange.client_certificate = (f'Hash={certificates[0].fingerprint().hex()};'
+                                       f'Cert="{urllib.parse.quote(pem, safe="")}"')
     decide(flow, Outcome.BACKEND, Reason.EMBEDDED_BACKEND, "not the outpost's: to the authentik server")
 
 
@@ -70,8 +69,10 @@ class Routing:
         kind = auth_kind(path, query)
         if kind is not None:
             if not exchange.trusted_peer:
-                flow.response = pages.page(403, "Forbidden", "Forward-auth checks are answered for trusted proxies only.")
-                decide(flow, Outcome.DENIED, "untrusted_proxy", f"forward-auth check from untrusted peer {peer}", logging.WARNING)
+                flow.response = pages.page(403, "Forbidden",
+                                           "Forward-auth checks are answered for trusted proxies only.")
+                decide(flow, Outcome.DENIED, "untrusted_proxy", f"forward-auth check from untrusted peer {peer}",
+                       logging.WARNING)
                 return
             original = original_request(kind, flow.request, path, query)
             exchange.forward = (kind, original)
@@ -83,7 +84,9 @@ class Routing:
             host = flow.request.host_header or ""
             provider = self.registry.by_host.get(host.lower())
             if provider is None and path in OWN_PATHS and exchange.trusted_peer:
-                host = flow.request.headers.get("X-Forwarded-Host") or parse_original_url(flow.request.headers.get("X-Original-URL", "")).host or host
+                headers = flow.request.headers
+                host = (headers.get(names.FORWARDED_HOST)
+                        or parse_original_url(headers.get(names.ORIGINAL_URL, "")).host or host)
                 provider = self.registry.provider_for(host, host.rsplit(":", 1)[0])
             embedded = self.registry.embedded
             if embedded is not None and (is_backend_path(path) or not is_own_path(path) and (
@@ -100,7 +103,8 @@ class Routing:
             decide(flow, Outcome.DENIED, "unknown_host", f"no provider serves host {printable(host)!r}")
             return
         if kind is not None and provider.mode is names.Mode.PROXY:
-            flow.response = pages.page(404, "Not found", "This provider is in proxy mode; it answers no forward-auth checks.")
+            flow.response = pages.page(404, "Not found",
+                                       "This provider is in proxy mode; it answers no forward-auth checks.")
             decide(flow, Outcome.DENIED, "proxy_mode_check", "forward-auth check for a proxy-mode provider")
             return
         exchange.provider = provider

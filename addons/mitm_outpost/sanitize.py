@@ -2,7 +2,8 @@
 or what belongs to the client's own connection.
 
 Identity and forwarding headers sent by the client (every `X-authentik-*`, `X-Forwarded-*` and
-`X-Auth-Request-*`, and the legacy names) are dropped in every spelling (any case, `_` for `-`); the outpost's cookies are taken out of `Cookie` (their values kept on the
+`X-Auth-Request-*`, and the legacy names) are dropped in every spelling (any case, `_` for `-`);
+the outpost's cookies are taken out of `Cookie` (their values kept on the
 exchange for the session check); hop-by-hop fields (RFC 9110 §7.6.1) are dropped: the
 client's `Connection` and every field it names (so a next hop that honours `Connection` can
 never delete the identity the outpost adds), `Keep-Alive`, `Proxy-Connection`, `TE`,

@@ -4,11 +4,9 @@ import logging
 
 from mitmproxy import http
 
-from .registry import Registry
 from . import pages
 from .decision import Exchange, Outcome, decide, note, undecided
-
-logger = logging.getLogger("mitm_outpost")
+from .registry import Registry
 
 MAX_COOKIE_LENGTH = 128
 
@@ -29,7 +27,8 @@ async def load_session(registry: Registry, exchange: Exchange) -> None:
 
 def store_unavailable(flow: http.HTTPFlow, error: Exception) -> None:
     """Fail closed: without the store nobody can be checked, so nobody passes."""
-    flow.response = pages.page(503, "Service unavailable", "Sessions cannot be checked right now. Try again in a moment.")
+    flow.response = pages.page(503, "Service unavailable",
+                               "Sessions cannot be checked right now. Try again in a moment.")
     flow.response.headers["Retry-After"] = "5"
     decide(flow, Outcome.DENIED, "store_unavailable", f"session store unavailable: {error}", logging.WARNING)
 
@@ -41,8 +40,7 @@ class SessionCheck:
         self.registry = registry
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        exchange = undecided(flow)
-        if exchange is None:
+        if (exchange := undecided(flow)) is None:
             return
         had_cookie = bool(exchange.session_cookie)
         await load_session(self.registry, exchange)

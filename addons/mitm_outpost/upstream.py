@@ -16,16 +16,21 @@ from mitmproxy.addonmanager import Loader
 from OpenSSL import SSL
 
 from . import names, pages
-from .registry import Registry
 from .decision import Exchange, Outcome, decide, exchange_of
-from .edge import UNVERIFIED
 from .provider import Backend
+from .registry import Registry
 from .sanitize import CLIENT_CERTIFICATE, forwardable, is_websocket_handshake
+from .strict_http import UNVERIFIED
 from .verdict import Action, Reason
 
 logger = logging.getLogger("mitm_outpost")
 
 _COOKIE_PREFIX = names.COOKIE_PREFIX.lower()
+_FORWARDED_HOST = names.FORWARDED_HOST.encode()
+_FORWARDED_PROTO = names.FORWARDED_PROTO.encode()
+_FORWARDED_FOR = names.FORWARDED_FOR.encode()
+_CLIENT_CERT = names.FORWARDED_CLIENT_CERT.encode()
+_CLIENT_CERT_KEY = _CLIENT_CERT.lower()
 HOST_ONLY = frozenset({b"host"})
 
 POWERED_BY = "goauthentik.io"
@@ -83,9 +88,9 @@ class Upstream:
         exchange.verify_tls = backend.verify_tls  # this flow's provider decides, for an ak_proxy backend too
         exchange.forwarded = (
             (b"Host", host_header.encode("utf-8", "surrogateescape")),
-            (b"X-Forwarded-Host", (request.host_header or "").encode("utf-8", "surrogateescape")),
-            (b"X-Forwarded-Proto", b"https" if flow.client_conn.tls_established else b"http"),
-            (b"X-Forwarded-For", flow.client_conn.peername[0].encode()),
+            (_FORWARDED_HOST, (request.host_header or "").encode("utf-8", "surrogateescape")),
+            (_FORWARDED_PROTO, b"https" if flow.client_conn.tls_established else b"http"),
+            (_FORWARDED_FOR, flow.client_conn.peername[0].encode()),
         )
         # Straight to the request's data: the property setters would rewrite Host (twice), which
         # the one rebuild below does anyway.
@@ -109,7 +114,8 @@ class Upstream:
         assert exchange is not None
         if not exchange.proxied:  # a verdict, but Upstream never re-targeted it (it failed in between)
             flow.response = pages.page(403, "Forbidden", "The outpost reached no decision about this request.")
-            decide(flow, Outcome.DENIED, "no_decision", "reached the upstream hook without being re-targeted; refused", logging.ERROR)
+            decide(flow, Outcome.DENIED, "no_decision", "reached the upstream hook without being re-targeted; refused",
+                   logging.ERROR)
             return
         request = flow.request
         if request.headers.fields is not exchange.sent_fields:  # something changed them since requestheaders
@@ -129,7 +135,8 @@ class Upstream:
                 and exchange.verdict is not None and exchange.verdict.action in GOES_UPSTREAM):
             return False
         flow.response = pages.page(403, "Forbidden", "The outpost reached no decision about this request.")
-        decide(flow, Outcome.DENIED, "no_decision", "no decision was reached (an earlier step failed); refused", logging.ERROR)
+        decide(flow, Outcome.DENIED, "no_decision", "no decision was reached (an earlier step failed); refused",
+               logging.ERROR)
         return True
 
     @staticmethod
@@ -141,8 +148,8 @@ class Upstream:
             drop = drop | CLIENT_CERTIFICATE
         fields = tuple(f for f in forwardable(request) if f[0].lower() not in drop) + exchange.forwarded
         if exchange.client_certificate:  # embedded mode: the certificate the client presented on 9443
-            fields = tuple(f for f in fields if f[0].lower() != b"x-forwarded-client-cert")
-            fields += ((b"X-Forwarded-Client-Cert", exchange.client_certificate.encode()),)
+            fields = tuple(f for f in fields if f[0].lower() != _CLIENT_CERT_KEY)
+            fields += ((_CLIENT_CERT, exchange.client_certificate.encode()),)
         if session is not None:
             assert exchange.provider is not None
             fields += session.headers + exchange.provider.static_headers
@@ -160,8 +167,8 @@ class Upstream:
             return
         if flow.response.status_code == 101 and not is_websocket_handshake(flow.request):
             flow.response = pages.page(502, "Bad gateway", "The application switched protocols unasked.")
-            decide(flow, Outcome.DENIED, "unexpected_upgrade", "the upstream answered 101 to a request that was no WebSocket "
-                   "handshake", logging.WARNING)
+            decide(flow, Outcome.DENIED, "unexpected_upgrade",
+                   "the upstream answered 101 to a request that was no WebSocket handshake", logging.WARNING)
             return
         if exchange.provider is None:  # embedded mode: the authentik server's own answer, passed on as it comes
             flow.response.stream = True
@@ -183,7 +190,7 @@ class Upstream:
         """Per-provider `internal_host_ssl_validation` (mitmproxy's own switch is global).
 
         The edge's HTTP layer marks a connection it opens for a flow whose provider turned
-        validation off (`edge.UNVERIFIED`), and never lets another flow reuse it. Script addons
+        validation off (`strict_http.UNVERIFIED`), and never lets another flow reuse it. Script addons
         run before mitmproxy's TlsConfig, so we let it build its usual context first and then
         relax verification on that one connection."""
         if tls_start.ssl_conn is not None or tls_start.conn not in UNVERIFIED:

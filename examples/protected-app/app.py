@@ -38,7 +38,8 @@ class App(BaseHTTPRequestHandler):
             else:
                 self.reply(403, "text/html", "<h1>Forbidden</h1>")
         elif path == "/":
-            panel = '<section id="admin-panel"><h2>Admin panel</h2><a href="/admin">manage</a></section>' if is_admin else ""
+            panel = ('<section id="admin-panel"><h2>Admin panel</h2><a href="/admin">manage</a></section>'
+                     if is_admin else "")
             self.reply(200, "text/html", f"<h1>Hello, {html.escape(user) or 'stranger'}</h1>{panel}")
         else:
             self.reply(404, "text/plain", "not found")

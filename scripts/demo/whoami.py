@@ -13,7 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0] + "/addons")
 from mitm_outpost import names  # noqa: E402
 
-SHOWN = (*names.IDENTITY_HEADERS, *names.LEGACY_HEADERS, "Host", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-For", "Cookie")
+SHOWN = (*names.ALL_IDENTITY_HEADERS, "Host", names.FORWARDED_HOST, names.FORWARDED_PROTO, names.FORWARDED_FOR,
+         "Cookie")
 
 
 class WhoAmI(BaseHTTPRequestHandler):
@@ -51,10 +52,11 @@ class WhoAmI(BaseHTTPRequestHandler):
             for n in SHOWN
         )
         title = f"Hello, {html.escape(user)}" if user else "Nobody is signed in"
-        body = f"""<!doctype html><html><head><meta charset="utf-8"><title>who am I</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2rem}}th{{text-align:left;padding-right:1rem}}td code{{word-break:break-all}}</style>
+        body = (f"""<!doctype html><html><head><meta charset="utf-8"><title>who am I</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem}}th{{text-align:left;padding-right:1rem}}"""
+                f"""td code{{word-break:break-all}}</style>
 </head><body><h1>{title}</h1><p>This page is the demo app behind mitm-outpost. It shows the headers it received.</p>
-<table>{rows}</table><p><a href="/outpost.goauthentik.io/sign_out">Sign out</a></p></body></html>""".encode()
+<table>{rows}</table><p><a href="{names.SIGN_OUT_PATH}">Sign out</a></p></body></html>""").encode()
         self._send(200, "text/html; charset=utf-8", body)
 
 

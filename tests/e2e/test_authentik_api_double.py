@@ -198,7 +198,7 @@ def test_pagination_over_three_pages(ak: AuthentikAPIDouble) -> None:
     assert body["pagination"]["current"] == 3
     for fallback in ("0", "-3", "x", ""):  # not a positive integer: the default page size (100)
         _, body, _ = get(ak, f"/api/v3/outposts/proxy/?page_size={fallback}")
-        assert body["pagination"]["total_pages"] == 1 and len(body["results"]) == 5
+        assert (body["pagination"]["total_pages"], [r["name"] for r in body["results"]]) == (1, names)
 
 
 def test_pagination_of_an_empty_list_and_a_page_size_cap() -> None:
@@ -209,7 +209,7 @@ def test_pagination_of_an_empty_list_and_a_page_size_cap() -> None:
                                       "start_index": 0, "end_index": 0}
         ak.set_providers(providers(5))
         _, body, _ = get(ak, "/api/v3/outposts/proxy/?page_size=100")
-        assert len(body["results"]) == 2 and body["pagination"]["total_pages"] == 3
+        assert ([r["name"] for r in body["results"]], body["pagination"]["total_pages"]) == (["app1", "app2"], 3)
 
 
 def test_auth_is_required_like_authentik(ak: AuthentikAPIDouble) -> None:

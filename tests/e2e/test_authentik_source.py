@@ -8,8 +8,8 @@ import os
 import signal
 import socket
 import ssl
-import sys
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +20,8 @@ import httpx2
 import pytest
 from cryptography import x509
 
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.processes import free_port
 from tests.support.authentik_api import (
     AuthentikAPIDouble,
     authentik_oidc_configuration,
@@ -28,7 +30,7 @@ from tests.support.authentik_api import (
     self_signed_certificate,
 )
 from tests.support.authentik_token import AuthentikTokenEndpoint
-from tests.support.processes import BIN, ROOT, Process, browser, free_port
+from tests.support.processes import BIN, ROOT, Process
 
 
 def eventually(check: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -47,7 +49,8 @@ class ApiOutpost(Process):
                  tls_port: int = 0, tool: str = "mitmdump") -> None:
         self.port, self.tls_port = free_port(), tls_port
         self.dir = Path(tempfile.mkdtemp(prefix="api-outpost-"))
-        head = [sys.executable, "-m", "mitm_outpost"] if tool == "lean" else [str(BIN / "mitmdump"), "-s", str(ROOT / "addons/outpost.py")]
+        head = ([sys.executable, "-m", "mitm_outpost"] if tool == "lean"
+                else [str(BIN / "mitmdump"), "-s", str(ROOT / "addons/outpost.py")])
         args = [*head, "--set", f"outpost_config={self.dir}/absent.yaml",
                 "--set", f"outpost_http_port={self.port}", "--set", f"outpost_https_port={tls_port}",
                 "--set", "listen_port=0", "--set", f"metrics_port={free_port()}", "--set", f"confdir={self.dir}"]
@@ -57,7 +60,8 @@ class ApiOutpost(Process):
         super().__init__(args, port=self.port, env=environment)
 
     def get(self, host: str, path: str = "/", client: httpx2.Client | None = None, **kwargs: Any) -> httpx2.Response:
-        return (client or browser()).get(f"http://127.0.0.1:{self.port}{path}", headers={"Host": host, **kwargs.pop("headers", {})}, **kwargs)
+        return (client or browser()).get(f"http://127.0.0.1:{self.port}{path}",
+                                         headers={"Host": host, **kwargs.pop("headers", {})}, **kwargs)
 
     def ready(self) -> bool:
         return httpx2.get(f"http://127.0.0.1:{self.port}/outpost.goauthentik.io/ping").status_code == 204
@@ -89,7 +93,8 @@ def login(outpost: ApiOutpost, host: str, user: str = "alice") -> httpx2.Client:
     assert start.status_code == 302, start.text
     # the browser follows Locations on `host`; the outpost listens on 127.0.0.1
     authorize = client.get(start.headers["location"].replace(f"http://{host}", f"http://127.0.0.1:{outpost.port}"))
-    form = client.post(authorize.headers["location"], data={"sub": user}, headers={"Host": authorize.headers["location"].split("/")[2]})
+    form = client.post(authorize.headers["location"], data={"sub": user},
+                       headers={"Host": authorize.headers["location"].split("/")[2]})
     done = client.get(form.headers["location"].replace(f"http://{host}", f"http://127.0.0.1:{outpost.port}"))
     assert done.status_code == 302, done.text
     return client
@@ -117,7 +122,8 @@ def test_start_up_from_the_api_with_pagination(api: AuthentikAPIDouble, idp_doc:
         assert api.ws_clients[0].headers.get("authorization") == f"Bearer {api.token}"
 
 
-def test_refresh_adds_changes_and_removes_providers_and_keeps_sessions(api: AuthentikAPIDouble, idp_doc: dict[str, Any], upstream: str) -> None:
+def test_refresh_adds_changes_and_removes_providers_and_keeps_sessions(api: AuthentikAPIDouble, idp_doc: dict[str, Any],
+                                                                       upstream: str) -> None:
     a, c = provider(idp_doc, "a", "a.example.test", upstream), provider(idp_doc, "c", "c.example.test", upstream)
     api.set_providers([a, c])
     with ApiOutpost(api) as outpost:
@@ -133,10 +139,13 @@ def test_refresh_adds_changes_and_removes_providers_and_keeps_sessions(api: Auth
         assert seen(outpost, "a.example.test", client)["x-authentik-username"] == "alice"  # session kept
 
 
-def test_session_end_ends_exactly_that_idp_session(api: AuthentikAPIDouble, idp: str, idp_doc: dict[str, Any], upstream: str) -> None:
+def test_session_end_ends_exactly_that_idp_session(api: AuthentikAPIDouble, idp: str, idp_doc: dict[str, Any],
+                                                   upstream: str) -> None:
     for user, key in (("sess-one", "django-1"), ("sess-two", "django-2")):
-        httpx2.put(f"{idp}/users/{user}", json={"preferred_username": user, "sid": hash_session_key(key)}).raise_for_status()
-    api.set_providers([provider(idp_doc, "a", "a.example.test", upstream), provider(idp_doc, "b", "b.example.test", upstream)])
+        httpx2.put(f"{idp}/users/{user}",
+                   json={"preferred_username": user, "sid": hash_session_key(key)}).raise_for_status()
+    api.set_providers([provider(idp_doc, "a", "a.example.test", upstream),
+                       provider(idp_doc, "b", "b.example.test", upstream)])
     with ApiOutpost(api) as outpost:
         eventually(outpost.ready)
         one_a, one_b = login(outpost, "a.example.test", "sess-one"), login(outpost, "b.example.test", "sess-one")
@@ -163,7 +172,8 @@ def test_server_down_keeps_the_last_good_set(api: AuthentikAPIDouble, idp_doc: d
         assert outpost.get("a.example.test", "/x").status_code == 302 and outpost.ready()
 
 
-def test_unreachable_at_start_is_not_ready_until_loaded(api: AuthentikAPIDouble, idp_doc: dict[str, Any], upstream: str) -> None:
+def test_unreachable_at_start_is_not_ready_until_loaded(api: AuthentikAPIDouble, idp_doc: dict[str, Any],
+                                                        upstream: str) -> None:
     api.set_providers([provider(idp_doc, "a", "a.example.test", upstream)])
     api.set_down(True)
     with ApiOutpost(api) as outpost:
@@ -181,14 +191,17 @@ def _served_fingerprint(port: int, sni: str) -> str:
     with socket.create_connection(("127.0.0.1", port)) as raw, context.wrap_socket(raw, server_hostname=sni) as tls:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
-    return x509.load_der_x509_certificate(der).fingerprint(__import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256()).hex()
+    return x509.load_der_x509_certificate(der).fingerprint(
+        __import__("cryptography.hazmat.primitives.hashes", fromlist=["SHA256"]).SHA256()).hex()
 
 
-def test_certificate_rotation_on_the_https_port(api: AuthentikAPIDouble, idp_doc: dict[str, Any], upstream: str) -> None:
+def test_certificate_rotation_on_the_https_port(api: AuthentikAPIDouble, idp_doc: dict[str, Any],
+                                                upstream: str) -> None:
     pk = "6f6c6a6d-0000-4000-8000-000000000001"
     cert, key, fingerprint = self_signed_certificate("secure.example.test")
     api.add_certificate(pk, cert, key, fingerprint)
-    api.set_providers([make_provider("secure", "https://secure.example.test", upstream, oidc_configuration=idp_doc, certificate=pk)])
+    api.set_providers([make_provider("secure", "https://secure.example.test", upstream, oidc_configuration=idp_doc,
+                                     certificate=pk)])
     with ApiOutpost(api, tls_port=free_port()) as outpost:
         eventually(outpost.ready)
         first = _served_fingerprint(outpost.tls_port, "secure.example.test")
@@ -198,27 +211,32 @@ def test_certificate_rotation_on_the_https_port(api: AuthentikAPIDouble, idp_doc
         api.add_certificate(pk, new_cert, new_key, new_fingerprint)
         eventually(lambda: api.connected >= 1)
         api.send_trigger_update()
-        eventually(lambda: _served_fingerprint(outpost.tls_port, "secure.example.test") == new_fingerprint.replace(":", "").lower())
+        eventually(lambda: (_served_fingerprint(outpost.tls_port, "secure.example.test")
+                            == new_fingerprint.replace(":", "").lower()))
         assert api.certificate_fetches(pk)["certificate"] == 2  # once per fingerprint, not per refresh
 
 
 def test_bad_token_stops_with_a_clear_message(api: AuthentikAPIDouble) -> None:
     outpost = ApiOutpost(api, token="wrong")
     assert outpost.proc is None
-    result = subprocess.run(outpost.args, env={**os.environ, **(outpost.env or {})}, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(outpost.args, env={**os.environ, **(outpost.env or {})}, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 1
-    assert "authentik refused the token (403)" in result.stderr + result.stdout and "Check AUTHENTIK_TOKEN" in result.stderr
+    assert ("authentik refused the token (403)" in result.stderr + result.stdout
+            and "Check AUTHENTIK_TOKEN" in result.stderr)
 
 
 def test_missing_token_prints_help_and_exits_2(api: AuthentikAPIDouble) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTHENTIK_")}
-    result = subprocess.run([str(BIN / "mitmdump"), "-s", str(ROOT / "addons/outpost.py"), "--set", "listen_port=0", "--set", "metrics_port=0"],
+    result = subprocess.run([str(BIN / "mitmdump"), "-s", str(ROOT / "addons/outpost.py"),
+                             "--set", "listen_port=0", "--set", "metrics_port=0"],
                             env={**env, "AUTHENTIK_HOST": api.url}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "AUTHENTIK_TOKEN is not set" in result.stderr and "AUTHENTIK_HOST=https://" in result.stderr
 
 
-def test_seed_004_compose_as_a_command_line(api: AuthentikAPIDouble, idp_doc: dict[str, Any], upstream: str, tmp_path: Path) -> None:
+def test_seed_004_compose_as_a_command_line(api: AuthentikAPIDouble, idp_doc: dict[str, Any], upstream: str,
+                                            tmp_path: Path) -> None:
     """seed 004's docker-compose `environment:` block, and nothing else, on the command line."""
     api.set_providers([provider(idp_doc, "a", "a.example.test", upstream)])
     http_port, https_port, metrics_port = free_port(), free_port(), free_port()
@@ -230,15 +248,19 @@ def test_seed_004_compose_as_a_command_line(api: AuthentikAPIDouble, idp_doc: di
     with Process([str(BIN / "mitmdump"), "-s", "addons/outpost.py"], port=http_port, env=env, cwd=tmp_path) as proc:
         assert proc.proc is not None
         eventually(lambda: httpx2.get(f"http://127.0.0.1:{http_port}/outpost.goauthentik.io/ping").status_code == 204)
-        assert httpx2.get(f"http://127.0.0.1:{http_port}/x", headers={"Host": "a.example.test", "Accept": "text/html"}).status_code == 302
-        assert httpx2.get(f"https://127.0.0.1:{https_port}/outpost.goauthentik.io/ping", verify=False).status_code == 204
+        assert httpx2.get(f"http://127.0.0.1:{http_port}/x",
+                          headers={"Host": "a.example.test", "Accept": "text/html"}).status_code == 302
+        assert httpx2.get(f"https://127.0.0.1:{https_port}/outpost.goauthentik.io/ping",
+                          verify=False).status_code == 204
         assert httpx2.get(f"http://127.0.0.1:{metrics_port}/outpost.goauthentik.io/ping").status_code == 204
         metrics = httpx2.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-        assert f'authentik_outpost_info{{build="",outpost_name="edge-outpost",outpost_type="proxy",uuid="{api.outpost_pk}"' in metrics
+        assert (f'authentik_outpost_info{{build="",outpost_name="edge-outpost",'
+                f'outpost_type="proxy",uuid="{api.outpost_pk}"') in metrics
         assert "authentik_outpost_last_update{" in metrics
 
 
-def test_file_and_api_providers_together_and_a_conflict(api: AuthentikAPIDouble, idp: str, idp_doc: dict[str, Any], upstream: str) -> None:
+def test_file_and_api_providers_together_and_a_conflict(api: AuthentikAPIDouble, idp: str, idp_doc: dict[str, Any],
+                                                        upstream: str) -> None:
     api.set_providers([provider(idp_doc, "from-api", "api.example.test", upstream)])
     outpost = ApiOutpost(api)
     file_entry = {"name": "from-file", "external_host": "http://file.example.test", "internal_host": upstream,
@@ -256,8 +278,8 @@ def test_file_and_api_providers_together_and_a_conflict(api: AuthentikAPIDouble,
 
 
 @pytest.mark.parametrize("release, outdated", [(None, False), ("2024.2.0", True)])
-def test_authentik_does_not_flag_the_outpost_as_outdated(api: AuthentikAPIDouble, idp_doc: dict[str, Any], upstream: str,
-                                                         release: str | None, outdated: bool) -> None:
+def test_authentik_does_not_flag_the_outpost_as_outdated(api: AuthentikAPIDouble, idp_doc: dict[str, Any],
+                                                         upstream: str, release: str | None, outdated: bool) -> None:
     """The HELLO and X-authentik-meta-version name an authentik release, as authentik's outpost does; an older
     one, set by the option, is flagged exactly as authentik would flag an old outpost."""
     api.set_providers([provider(idp_doc, "app", "app.example.test", upstream)])

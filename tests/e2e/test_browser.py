@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mitm_outpost import names
 
+from mitm_outpost import names
+from mitm_outpost.testing.processes import free_port
 from tests.support.browser import chromium, chromium_or_skip, new_page, stored_cookies
-from tests.support.processes import ROOT, RUNNERS, Outpost, free_port, provider_entry
+from tests.support.processes import ROOT, RUNNERS, Outpost, provider_entry
 from tests.support.proxies import proxy_for, require_or_skip, standard_values
 
 SCREENSHOT = ROOT / "docs" / "whoami.png"
@@ -83,6 +84,7 @@ def test_proxy_mode_login_page_and_sign_out(browser: Any, idp: str, upstream: st
             assert_outpost_cookies(page, url, entry["client_id"], "127.0.0.1")
             # in proxy mode the outpost takes its cookies out of the request: the app never sees them
             assert names.COOKIE_PREFIX not in page.locator("body").inner_text()
+            assert page.screenshot()[8:24] == Path(SCREENSHOT).read_bytes()[8:24], "not a PNG of docs/whoami.png's size"
             if os.environ.get("SAVE_SCREENSHOT") == "1":
                 page.screenshot(path=str(SCREENSHOT), full_page=False)
             sign_out(page, url, idp, entry["client_id"])
@@ -122,5 +124,61 @@ def test_nginx_forward_auth_login_page_and_sign_out(browser: Any, idp: str, ngin
 
 
 def test_screenshot_is_committed() -> None:
-    """docs/whoami.png exists and is a PNG (SAVE_SCREENSHOT=1 regenerates it)."""
-    assert Path(SCREENSHOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    """docs/whoami.png (SAVE_SCREENSHOT=1 regenerates it) is a whole PNG, every chunk's CRC right and its pixels
+    exactly the size its header says, of the 1000x800 viewport the proxy-mode test shows; and what it shows is the
+    who-am-I page: white, the heading and the "Sign out" link (a browser's unvisited-link blue) at the body's 32px
+    margin, the link below all the text."""
+    import struct
+    import zlib
+
+    data = Path(SCREENSHOT).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = [], 8
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        body, (crc,) = data[at + 8:at + 8 + length], struct.unpack(">I", data[at + 8 + length:at + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"{kind!r} chunk at byte {at} is damaged"
+        chunks.append((kind, body))
+        at += 12 + length
+    assert (chunks[0][0], chunks[-1]) == (b"IHDR", (b"IEND", b""))
+    width, height, *kind = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (width, height, kind) == (1000, 800, [8, 2, 0, 0, 0])  # 8-bit RGB, not interlaced
+    stride = 3 * width
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    assert len(raw) == height * (1 + stride)
+
+    def paeth(a: int, b: int, c: int) -> int:
+        p = a + b - c
+        pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+        return a if pa <= pb and pa <= pc else b if pb <= pc else c
+
+    high = int.from_bytes(b"\x80" * stride)
+    low = high ^ int.from_bytes(b"\xff" * stride)
+    rows, previous = [], bytes(stride)
+    for y in range(height):  # the scanline filters of PNG (RFC 2083 6.3) undone
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        assert kind in (0, 1, 2, 3, 4), f"row {y}: filter {kind}"
+        if kind == 2:  # up: a byte-wise sum with the row above, all bytes at once
+            a, b = int.from_bytes(line), int.from_bytes(previous)
+            line = bytearray((((a & low) + (b & low)) ^ ((a ^ b) & high)).to_bytes(stride))
+        for x in range(stride) if kind in (1, 3, 4) else ():
+            left = line[x - 3] if x >= 3 else 0
+            up, corner = previous[x], previous[x - 3] if x >= 3 else 0
+            line[x] = (line[x] + (left, up, (left + up) // 2, paeth(left, up, corner))[kind - 1]) & 0xFF
+        rows.append(previous := bytes(line))
+
+    def where(colour: bytes) -> list[tuple[int, int]]:
+        found = []
+        for y, row in enumerate(rows):
+            at = row.find(colour)
+            while at != -1:
+                if at % 3 == 0:
+                    found.append((at // 3, y))
+                at = row.find(colour, at + 1)
+        return found
+
+    text, link = where(bytes((0, 0, 0))), where(bytes((0, 0, 238)))
+    assert rows[0][:3] == rows[-1][-3:] == bytes((255, 255, 255))
+    assert text and link, "no black text or no link-blue pixel"
+    assert min(x for x, _ in text) == min(x for x, _ in link) == 32
+    assert max(y for _, y in text) < min(y for _, y in link), "the link is not below the text"

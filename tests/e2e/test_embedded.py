@@ -35,7 +35,9 @@ from cryptography.hazmat.primitives import serialization
 from websockets.sync.client import connect
 
 from mitm_outpost import names
-from mitm_outpost.pytest_plugin import HostMap
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.processes import free_port
+from mitm_outpost.testing.transport import LoopbackTransport as HostMap
 from tests.e2e.test_authentik_source import ApiOutpost, eventually, login, provider, seen
 from tests.support.authentik_api import (
     ACK,
@@ -47,7 +49,7 @@ from tests.support.authentik_api import (
     make_provider,
     self_signed_certificate,
 )
-from tests.support.processes import RUNNERS, browser, follow_login, free_port
+from tests.support.processes import RUNNERS, follow_login
 from tests.support.proxies import proxy_for, require_or_skip, standard_values
 
 MB = 1 << 20
@@ -563,7 +565,8 @@ def embedded_lean(api: AuthentikAPIDouble) -> Iterator[EmbeddedOutpost]:
 
 @pytest.mark.parametrize("tool", RUNNERS)
 def test_forward_auth_through_nginx_at_the_embedded_outpost(request: pytest.FixtureRequest, api: AuthentikAPIDouble,
-                                                            idp: str, upstream: str, nginx_port: int, tool: str) -> None:
+                                                            idp: str, upstream: str, nginx_port: int,
+                                                            tool: str) -> None:
     """docs/forward-auth/nginx-single.conf with the embedded outpost's port as the outpost."""
     require_or_skip("nginx")
     embedded: EmbeddedOutpost = request.getfixturevalue("embedded_lean" if tool == "lean" else "embedded")

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from mitm_outpost.testing.processes import free_port
 from tests.support.hostile import exchange
-from tests.support.processes import RUNNERS, Outpost, free_port, provider_entry
+from tests.support.processes import RUNNERS, Outpost, provider_entry
 
 CHECK = "/outpost.goauthentik.io/auth/nginx"
 APP_HOST = "app.example.test"
@@ -109,7 +110,8 @@ def _answer(raw: bytes) -> tuple[int, list[str], bytes, bytes]:
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ")[1])
     names = sorted(line.split(b":", 1)[0].decode().lower() for line in lines[1:] if line)
-    location = next((line.split(b":", 1)[1].strip() for line in lines[1:] if line.lower().startswith(b"location:")), b"")
+    location = next((line.split(b":", 1)[1].strip() for line in lines[1:] if line.lower().startswith(b"location:")),
+                    b"")
     stable_location = location.split(b"?", 1)[0]  # state, nonce and PKCE differ per request
     stable_body = re.sub(rb"[\w-]{20,}", b"<token>", body)
     return status, names, stable_location, stable_body
@@ -124,7 +126,8 @@ def test_the_fast_lane_answers_as_mitmdump_does(outposts: dict[str, Outpost], na
 
 
 def _access_log(outpost: Outpost, path: str) -> list[dict[str, object]]:
-    lines = [json.loads(line[line.index("{"):]) for line in outpost.output.splitlines() if "mitm_outpost.access" in line]
+    lines = [json.loads(line[line.index("{"):]) for line in outpost.output.splitlines()
+             if "mitm_outpost.access" in line]
     return [line for line in lines if line["path"] == path]
 
 
@@ -223,7 +226,8 @@ def test_a_client_that_does_not_read_gets_no_more_answers_queued(outposts: dict[
         assert _read_answers(sock, 1000) == [204] * 1000
 
 
-def test_a_client_that_half_closes_after_its_request_gets_the_answer_and_the_close(outposts: dict[str, Outpost]) -> None:
+def test_a_client_that_half_closes_after_its_request_gets_the_answer_and_the_close(
+        outposts: dict[str, Outpost]) -> None:
     port = outposts["lean"].http_port
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"GET /outpost.goauthentik.io/ping HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -270,7 +274,8 @@ def _mutations(seed: int, count: int) -> list[bytes]:
     """Checks with one hostile change each, drawn from a fixed seed: the bytes an attacker would try
     on a lane path (controls, odd separators, duplicated framing, odd versions, bodies)."""
     rng = random.Random(seed)
-    base = [f"GET {CHECK} HTTP/1.1", "Host: outpost.internal", f"X-Original-URL: http://{FORWARD_HOST}/x", "Accept: text/html"]
+    base = [f"GET {CHECK} HTTP/1.1", "Host: outpost.internal", f"X-Original-URL: http://{FORWARD_HOST}/x",
+            "Accept: text/html"]
     pieces = ["\x00", "\r", "\n", "\t", " ", "\x7f", "\x1b", "\xff", ":", ";", ",", "\\", "%00", "%0d%0a", "..", "//"]
     extra = ["Content-Length: 3", "Content-Length: 03", "Content-Length: -1", "Content-Length: 1, 1",
              "Transfer-Encoding: chunked", "Transfer-Encoding: gzip", "Expect: 100-continue", "Connection: Upgrade",
@@ -286,7 +291,8 @@ def _mutations(seed: int, count: int) -> list[bytes]:
         elif kind == 1:  # an extra field
             lines.insert(rng.randrange(1, len(lines) + 1), rng.choice(extra))
         elif kind == 2:  # the version or the method
-            lines[0] = lines[0].replace("HTTP/1.1", rng.choice(["HTTP/1.0", "HTTP/1.2", "HTTP/2.0", "http/1.1", "HTTP/1.1 "]))
+            lines[0] = lines[0].replace("HTTP/1.1", rng.choice(["HTTP/1.0", "HTTP/1.2", "HTTP/2.0", "http/1.1",
+                                                                "HTTP/1.1 "]))
             lines[0] = lines[0].replace("GET", rng.choice(["GET", "POST", "HEAD", "OPTIONS", "G\x00T", "get"]), 1)
         else:  # the target
             lines[0] = lines[0].replace(CHECK, rng.choice([CHECK + "?x=\x01", CHECK + "#f", "/akprox/auth?nginx",

@@ -15,7 +15,8 @@ import httpx2
 import pytest
 
 from mitm_outpost import names
-from tests.support.processes import RUNNERS, Outpost, follow_login, free_port
+from mitm_outpost.testing.processes import free_port
+from tests.support.processes import RUNNERS, Outpost, follow_login
 from tests.support.proxies import FORWARD_AUTH_CONFIGS, ProxyProcess, proxy_for, require_or_skip, standard_values
 
 DOMAIN = "example.test"
@@ -35,7 +36,8 @@ class LoopbackTransport(httpx2.HTTPTransport):
 
 
 def browser() -> httpx2.Client:
-    return httpx2.Client(transport=LoopbackTransport(), follow_redirects=False, headers={"Accept": "text/html"}, timeout=15)
+    return httpx2.Client(transport=LoopbackTransport(), follow_redirects=False, headers={"Accept": "text/html"},
+                         timeout=15)
 
 
 @dataclass
@@ -131,9 +133,11 @@ def test_spoofed_headers_do_not_reach_the_app(setup: Setup) -> None:
 
 def test_unauthenticated_requests_never_reach_the_app(setup: Setup) -> None:
     for path in ("/headers", "/outpost.goauthentik.io/../headers", "/%2e%2e/headers", "//headers", "/headers;x=1",
-                 "/headers/public/../../headers", "/headers/public%2F..%2F..%2Fheaders", "/headers/public;/../../headers"):
+                 "/headers/public/../../headers", "/headers/public%2F..%2F..%2Fheaders",
+                 "/headers/public;/../../headers"):
         response = browser().get(setup.url(setup.app, path))
-        assert response.status_code in (302, 400, 401, 403, 404), (path, response.status_code, response.text[:200])
+        assert response.status_code == (400 if path == "/%2e%2e/headers" and setup.template.startswith("nginx")
+                                        else 302), (path, response.status_code, response.text[:200])  # nginx: above /
         if response.status_code == 302:
             assert "/headers" not in response.headers.get("content-type", "")
 
@@ -162,7 +166,7 @@ def test_sign_out_ends_the_session_everywhere(setup: Setup) -> None:
     out = client.get(setup.url(hosts[-1], "/outpost.goauthentik.io/sign_out"))
     assert out.status_code == 302 and "end_session" in out.headers["location"]
     for host in hosts:
-        assert client.get(setup.url(host, "/headers")).status_code in (302, 401)
+        assert client.get(setup.url(host, "/headers")).status_code == 302
 
 
 def test_outpost_down_means_denied(setup: Setup) -> None:
@@ -171,7 +175,8 @@ def test_outpost_down_means_denied(setup: Setup) -> None:
     setup.outpost.stop()
     try:
         response = client.get(setup.url(setup.app, "/headers"))
-        assert response.status_code >= 400 or (response.status_code == 302 and "x-authentik" not in response.text)
+        assert response.status_code == {"nginx": 500, "traefik": 500, "Caddyfile": 502, "envoy": 403}[
+            setup.template.split("-")[0]], response.status_code  # each proxy's own answer when its auth request fails
         assert "alice" not in response.text
     finally:
         setup.outpost.start()

@@ -14,13 +14,15 @@ from typing import Any
 import httpx2
 import pytest
 
+from mitm_outpost.testing.processes import free_port
 from tests.e2e.test_forward_auth import LoopbackTransport
 from tests.support.authentik_token import AuthentikTokenEndpoint
 from tests.support.panva import PanvaOP, code_flow_tokens, make_rsa_jwk
-from tests.support.processes import RUNNERS, Outpost, free_port, provider_entry
+from tests.support.processes import RUNNERS, Outpost, provider_entry
 from tests.support.proxies import proxy_for, require_or_skip, standard_values
 
-ACCOUNTS = {"alice": {"email": "alice@example.test", "name": "Alice", "preferred_username": "alice", "groups": ["admins"]}}
+ACCOUNTS = {"alice": {"email": "alice@example.test", "name": "Alice", "preferred_username": "alice",
+                      "groups": ["admins"]}}
 CACHE_TTL = 2
 HEADER_AUTH_CONFIGS = ("nginx-single.conf", "traefik-single.yml")
 
@@ -38,7 +40,8 @@ class World:
         return code_flow_tokens(self.op, "hdr-a", "secret-a", self.callback, "alice")
 
     def token_of_b(self) -> str:
-        response = httpx2.post(self.meta["token_endpoint"], auth=("hdr-b", "secret-b"), data={"grant_type": "client_credentials"})
+        response = httpx2.post(self.meta["token_endpoint"], auth=("hdr-b", "secret-b"),
+                               data={"grant_type": "client_credentials"})
         return str(response.raise_for_status().json()["access_token"])
 
 
@@ -47,8 +50,10 @@ def world(upstream: str) -> Iterator[World]:
     port, local_port = free_port(), free_port()
     callback = f"http://127.0.0.1:{port}/outpost.goauthentik.io/callback?X-authentik-auth-callback=true"
     clients = [
-        {"client_id": "hdr-a", "client_secret": "secret-a", "redirect_uris": [callback], "token_endpoint_auth_method": "client_secret_basic"},
-        {"client_id": "hdr-b", "client_secret": "secret-b", "redirect_uris": [callback], "token_endpoint_auth_method": "client_secret_basic"},
+        {"client_id": "hdr-a", "client_secret": "secret-a", "redirect_uris": [callback],
+         "token_endpoint_auth_method": "client_secret_basic"},
+        {"client_id": "hdr-b", "client_secret": "secret-b", "redirect_uris": [callback],
+         "token_endpoint_auth_method": "client_secret_basic"},
     ]
     with PanvaOP(clients, ACCOUNTS, [make_rsa_jwk("k1")]) as op:
         providers = [
@@ -86,7 +91,8 @@ def test_basic_with_the_token_user_name(world: World) -> None:
     assert call(world, f"Basic {basic}").status_code == 200
 
 
-@pytest.mark.parametrize("authorization", ["Bearer garbage", "Bearer", "Basic !!!", "Basic " + base64.b64encode(b"nobody:pw").decode()])
+@pytest.mark.parametrize("authorization", ["Bearer garbage", "Bearer", "Basic !!!",
+                                           "Basic " + base64.b64encode(b"nobody:pw").decode()])
 def test_bad_credentials_get_401_not_a_redirect(world: World, authorization: str) -> None:
     response = call(world, authorization, Accept="text/html")
     assert response.status_code == 401 and "WWW-Authenticate" in response.headers
@@ -113,7 +119,8 @@ def test_jwt_verified_locally_when_the_provider_enables_it(world: World) -> None
 def test_authentik_basic_app_password(upstream: str) -> None:
     with AuthentikTokenEndpoint("basic-app", "basic-secret", {"svc": "app-password"}) as authentik:
         port = free_port()
-        entry = provider_entry("basic", port, upstream, authentik.issuer, client_id="basic-app", client_secret="basic-secret")
+        entry = provider_entry("basic", port, upstream, authentik.issuer, client_id="basic-app",
+                               client_secret="basic-secret")
         with Outpost([entry], port) as outpost:
             good = base64.b64encode(b"svc:app-password").decode()
             response = httpx2.get(f"{outpost.url}/headers", headers={"Authorization": f"Basic {good}"})
@@ -131,7 +138,8 @@ def test_intercept_off_sends_browsers_to_login(world: World, upstream: str) -> N
     entry = provider_entry("nointercept", port, upstream, world.op.issuer, client_id="hdr-a", client_secret="secret-a",
                            intercept_header_auth=False)
     with Outpost([entry], port) as outpost:
-        response = httpx2.get(f"{outpost.url}/headers", headers={"Authorization": "Bearer garbage", "Accept": "text/html"})
+        response = httpx2.get(f"{outpost.url}/headers",
+                              headers={"Authorization": "Bearer garbage", "Accept": "text/html"})
         assert response.status_code == 302 and "/outpost.goauthentik.io/start" in response.headers["location"]
 
 
@@ -152,6 +160,6 @@ def test_header_auth_through_forward_auth(world: World, upstream: str, template:
         assert response.status_code == 200
         assert {k.lower(): v for k, v in response.json()["headers"]}["x-authentik-username"] == "alice"
         refused = client.get(url, headers={"Authorization": f"Bearer {world.token_of_b()}"})
-        assert refused.status_code in (302, 401) and "alice" not in refused.text
+        assert (refused.status_code, "alice" in refused.text) == (302 if template.startswith("nginx") else 401, False)
         if template.startswith("traefik"):  # relayed verbatim: the API client sees the outpost's 401
             assert refused.status_code == 401 and "Bearer" in refused.headers["WWW-Authenticate"]

@@ -16,8 +16,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.login import sign_in_to_callback as mock_login
+from mitm_outpost.testing.processes import free_port
 from tests.e2e.test_proxy_configs import EchoHandler, Running, Seen
-from tests.support.processes import Outpost, browser, free_port, mock_login, provider_entry
+from tests.support.processes import Outpost, provider_entry
 from tests.support.proxies import Caddy, require_or_skip
 
 NAMED = "X-authentik-username, X-authentik-groups"

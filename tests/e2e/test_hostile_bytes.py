@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.login import sign_in_to_callback as mock_login
+from mitm_outpost.testing.processes import free_port
 from tests.support.hostile import (
     BODY_MARKER,
     H2C_SETTINGS,
@@ -41,7 +44,7 @@ from tests.support.hostile import (
     request,
     status_of,
 )
-from tests.support.processes import Outpost, browser, free_port, mock_login, provider_entry
+from tests.support.processes import Outpost, provider_entry
 
 APPS = ("http.server", "wsgiref", "uvicorn-h11", "h2c")
 # Each provider gets a loopback address of its own: the browser logins need a real address per
@@ -205,14 +208,14 @@ def forged(seen: list[Seen], name: str, value: str) -> list[str]:
 
 
 def log_size(front: Front) -> int:
-    return Path(front.outpost.log.name).stat().st_size
+    return front.outpost.log.stat().st_size
 
 
 def logged_since(front: Front, offset: int) -> str:
     """What the outpost logged after `offset` (a `log_size`): the shared outpost's log, less
     what earlier tests caused."""
     time.sleep(0.5)  # the lines about a request are written after its answer
-    with open(front.outpost.log.name, "rb") as log:
+    with front.outpost.log.open("rb") as log:
         log.seek(offset)
         return log.read().decode(errors="replace")
 
@@ -349,7 +352,7 @@ def test_dot_segments_never_reach_an_app(front: Front, apps: dict[str, Recorder]
     answers = {name: send(front.port, request(front.host(name), path)) for name in APPS}
     assert not _outside_the_rule(recorded(apps))
     for name, answer in answers.items():
-        assert answer.status in (308, 302, 401, 400), (name, answer.status)
+        assert answer.status == 308, (name, answer.status)
         if answer.status == 308:
             assert urllib.parse.urlsplit(answer.headers.get("location", "")).path == NORMALISED[path], answer.headers
 
@@ -459,7 +462,7 @@ def test_backchannel_logout_never_reaches_the_app(front: Front, apps: dict[str, 
                   "Content-Type: application/x-www-form-urlencoded", method="POST", body=_body(2 * MIB, chunked=True))
     answer = send(front.port, raw)
     assert not recorded(apps, settle=0.5), "the back-channel logout request reached an app"
-    assert answer.status in (400, 413), answer
+    assert answer.status == 413, answer
 
 
 # --------------------------------------------------------------------------- framing
@@ -484,7 +487,7 @@ def test_chunked_body_with_a_trailer(front: Front, apps: dict[str, Recorder]) ->
 
 def test_leading_empty_line_is_not_left_waiting(front: Front) -> None:
     answer = send(front.port, b"\r\n" + request(front.host("http.server"), "/public/x"), deadline=2.0)
-    assert answer.status in (200, 400), answer
+    assert answer.status == 200, answer
 
 
 BAD_CHUNKS = {"LF-only chunk lines": b"5\nhello\n0\n\n", "non-hex size": b"zz\r\nhello\r\n0\r\n\r\n",
@@ -497,7 +500,7 @@ def test_bad_chunk_framing_is_refused(front: Front, apps: dict[str, Recorder], c
                   body=BAD_CHUNKS[case])
     answer = send(front.port, raw)
     assert not [s.body for s in recorded(apps) if s.body], "an app received a body"
-    assert answer.status in (400, 0), answer
+    assert answer.status == 0, f"not closed without an answer: {answer}"
 
 
 # --------------------------------------------------------------------------- limits
@@ -622,7 +625,7 @@ LOGGED_REQUESTS = {
 def test_log_holds_no_query_and_no_injected_line(front: Front, case: str) -> None:
     before = log_size(front)
     answer = send(front.port, request(front.host("http.server"), LOGGED_REQUESTS[case]))
-    assert answer.status in (302, 400, 403), answer
+    assert answer.status == {"query of a protected path": 302, "refused rd": 302, "callback error": 403}[case], answer
     logged = logged_since(front, before)
     assert QUERY_MARKER not in logged, "the query string is in the outpost's log"
     injected = [line for line in logged.splitlines() if line.startswith("FAKE-LOG-LINE")]

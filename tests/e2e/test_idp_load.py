@@ -16,13 +16,17 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import httpx2
 import pytest
 
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.login import sign_in_to_callback as mock_login
+from mitm_outpost.testing.processes import free_port
 from tests.support.panva import PanvaOP, code_flow_tokens, make_rsa_jwk
-from tests.support.processes import Outpost, browser, free_port, mock_login, provider_entry
+from tests.support.processes import Outpost, provider_entry
+from tests.support.quiet_http import InThread, QuietHandler
 
 ACCOUNTS = {"alice": {"email": "alice@example.test", "name": "Alice", "preferred_username": "alice"}}
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
@@ -30,7 +34,7 @@ BURST, RATE = 5, 1  # the defaults of header_auth_client_burst and header_auth_c
 TLS = httpx2.create_ssl_context()  # one for all the test's clients (each would load the CA bundle again)
 
 
-class CountingRelay:
+class CountingRelay(InThread):
     """A reverse proxy in front of the IdP: what it relays is what the IdP was asked."""
 
     def __init__(self, target: str) -> None:
@@ -39,7 +43,7 @@ class CountingRelay:
         lock = threading.Lock()
         relay = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
@@ -58,30 +62,15 @@ class CountingRelay:
                 answer = upstream.getresponse()
                 data = answer.read()
                 upstream.close()
-                self.send_response(answer.status)
-                for name, value in answer.getheaders():
-                    if name.lower() not in HOP_BY_HOP:
-                        self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
+                kept = [(name, value) for name, value in answer.getheaders()
+                        if name.lower() not in HOP_BY_HOP]
+                self.reply(answer.status, data, content_type=None, headers=kept)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def total(self) -> int:
         return sum(self.calls.values())
-
-    def __enter__(self) -> CountingRelay:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @dataclass

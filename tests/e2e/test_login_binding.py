@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 from mitm_outpost import names
-from tests.support.processes import Outpost, browser, free_port, provider_entry
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.processes import free_port
+from tests.support.processes import Outpost, provider_entry
 from tests.support.redis_server import RedisServer
 
 SESSION_COOKIE = names.cookie_name("app-client")

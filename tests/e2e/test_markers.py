@@ -19,9 +19,11 @@ import httpx2
 import pytest
 
 from mitm_outpost import names
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.processes import free_port
 from tests.e2e.test_forward_auth import DOMAIN, Setup
 from tests.e2e.test_forward_auth import browser as loopback_browser
-from tests.support.processes import RUNNERS, Outpost, browser, free_port, provider_entry
+from tests.support.processes import RUNNERS, Outpost, provider_entry
 from tests.support.proxies import proxy_for, render, require_or_skip, standard_values
 
 CONFIRM_FORM = re.compile(r'<form method="post" action="([^"]+)">')
@@ -80,7 +82,7 @@ def back_from_the_idp(client: httpx2.Client, response: httpx2.Response, idp: str
     """From an answer that sends the browser to sign in, through the dev IdP's login (as alice): the URL the
     IdP sends the browser back to, not followed."""
     for _ in range(10):
-        assert response.status_code in (302, 303), (response.status_code, response.text[:300])
+        assert response.status_code == 302, (response.status_code, response.text[:300])  # the outpost's and the IdP's
         location = urllib.parse.urljoin(str(response.url), response.headers["location"])
         if not location.startswith(idp):
             if str(response.url).startswith(idp):

@@ -7,7 +7,10 @@ import io
 import httpx2
 from mitmproxy import io as mitmio
 
-from tests.support.processes import Outpost, browser, free_port, mock_login, provider_entry, wait_for_port
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.login import sign_in_to_callback as mock_login
+from mitm_outpost.testing.processes import free_port, wait_for_port
+from tests.support.processes import Outpost, provider_entry
 
 PASSWORD = "test-web-password"
 
@@ -28,13 +31,18 @@ def test_mitmweb_shows_every_decision(idp: str, upstream: str) -> None:
         flows = web.get("/flows").json()
         comments = {f["request"]["path"].partition("?")[0]: (f["comment"], f["marked"]) for f in flows}
         assert comments["/headers"][0].startswith("outpost [web]: allowed (session): session of alice")
-        assert comments["/public"][0].startswith("outpost [web]: skipped (unauthenticated_path):") and comments["/public"][1]
-        assert comments["/outpost.goauthentik.io/callback"][0].startswith("outpost [web]: endpoint (signed_in): callback: signed in as alice")
-        assert any(c.startswith("outpost: denied (unknown_host): no provider serves host 'unknown.test'") for c, _ in comments.values())
+        assert (comments["/public"][0].startswith("outpost [web]: skipped (unauthenticated_path):")
+                and comments["/public"][1])
+        assert comments["/outpost.goauthentik.io/callback"][0].startswith(
+            "outpost [web]: endpoint (signed_in): callback: signed in as alice")
+        assert any(c.startswith("outpost: denied (unknown_host): no provider serves host 'unknown.test'")
+                   for c, _ in comments.values())
 
         dumped = list(mitmio.FlowReader(io.BytesIO(web.get("/flows/dump").content)).stream())
-        allowed = next(f for f in dumped if f.request.path == "/headers" and f.metadata["outpost"].get("outcome") == "allowed")
-        assert allowed.metadata["outpost"] | {"user": "alice", "provider": "web", "session": "valid"} == allowed.metadata["outpost"]
+        allowed = next(f for f in dumped
+                       if f.request.path == "/headers" and f.metadata["outpost"].get("outcome") == "allowed")
+        assert (allowed.metadata["outpost"] | {"user": "alice", "provider": "web", "session": "valid"}
+                == allowed.metadata["outpost"])
 
         xsrf = "ab" * 32  # tornado's XSRF check compares cookie and header; a v1 (hex) token is accepted
         web.cookies.set("_mitmproxy_xsrf", xsrf)
@@ -45,6 +53,16 @@ def test_mitmweb_shows_every_decision(idp: str, upstream: str) -> None:
         for name, arguments in (("outpost.sessions", []), ("outpost.reload", []), ("outpost.config", [])):
             result = web.post(f"/commands/{name}", json={"arguments": arguments}, headers={"X-XSRFToken": xsrf}).json()
             assert "error" not in result, (name, result)
-        assert "web-secret" not in web.post("/commands/outpost.config", json={"arguments": []}, headers={"X-XSRFToken": xsrf}).text
+        assert "web-secret" not in web.post("/commands/outpost.config", json={"arguments": []},
+                                            headers={"X-XSRFToken": xsrf}).text
         events = " ".join(e["message"] for e in web.get("/events").json())
         assert "idp: token exchange at" in events  # the outpost's own back-channel calls, in the event log
+
+        # What mitmweb shows of the outpost itself: its listeners named for what they serve (no placeholder
+        # upstream), and a streaming threshold its status bar can print.
+        state = web.get("/state").json()
+        descriptions = [server["description"] for server in state["servers"].values()]
+        assert descriptions == [f"authentik outpost for web http://127.0.0.1:{port} (proxy to {upstream.rstrip('/')})"]
+        options = web.get("/options").json()
+        assert [m.partition("@")[0] for m in options["mode"]["value"]] == ["reverse:http://per-provider.invalid:1"]
+        assert options["stream_large_bodies"]["value"] == "1048576"

@@ -14,7 +14,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.processes import RUNNERS, Outpost, browser, free_port, mock_login, provider_entry
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.login import sign_in_to_callback as mock_login
+from mitm_outpost.testing.processes import free_port
+from tests.support.processes import RUNNERS, Outpost, provider_entry
 
 
 def LeanOutpost(providers: list[dict[str, object]], http_port: int, metrics_port: int = 0) -> Outpost:  # noqa: N802
@@ -46,14 +49,18 @@ def test_lean_runner_serves_logins_metrics_and_structured_logs(lean: tuple[Outpo
     assert httpx2.get(f"http://127.0.0.1:{metrics_port}/outpost.goauthentik.io/ping").status_code == 204
     samples = scrape(metrics_port)
     assert any(labels["outpost_name"] == "test-outpost" for labels, _ in samples["authentik_outpost_info"])
-    decisions = {(labels["provider"], labels["outcome"]): value for labels, value in samples["mitm_outpost_decisions_total"]}
+    decisions = {(labels["provider"], labels["outcome"]): value
+                 for labels, value in samples["mitm_outpost_decisions_total"]}
     assert decisions[("lean", "allowed")] >= 1 and decisions[("lean", "redirected")] >= 1
     assert sum(v for _, v in samples["mitm_outpost_logins_total"]) == 1
-    assert any(l["call"] == "token" for l, _ in samples["mitm_outpost_idp_request_duration_seconds_count"])
-    assert any(l["host"] == f"127.0.0.1:{outpost.http_port}" for l, _ in samples["authentik_outpost_proxy_request_duration_seconds_count"])
-    lines = [json.loads(line.split("mitm_outpost.access ", 1)[1]) for line in outpost.output.splitlines() if "mitm_outpost.access {" in line]
+    assert any(labels["call"] == "token" for labels, _ in samples["mitm_outpost_idp_request_duration_seconds_count"])
+    assert any(labels["host"] == f"127.0.0.1:{outpost.http_port}"
+               for labels, _ in samples["authentik_outpost_proxy_request_duration_seconds_count"])
+    lines = [json.loads(line.split("mitm_outpost.access ", 1)[1]) for line in outpost.output.splitlines()
+             if "mitm_outpost.access {" in line]
     allowed = [line for line in lines if line["decision"] == "allowed"]
-    assert allowed and allowed[-1]["path"] == "/headers" and allowed[-1]["uid"] == "alice" and allowed[-1]["status"] == 200
+    assert (allowed and allowed[-1]["path"] == "/headers" and allowed[-1]["uid"] == "alice"
+            and allowed[-1]["status"] == 200)
     assert "upstream_ms" in allowed[-1] and "secret-in-query" not in outpost.output
 
 
@@ -115,7 +122,8 @@ def test_sigterm_drains_a_slow_request_then_exits(idp: str) -> None:
         with LeanOutpost([entry], port) as outpost:
             assert outpost.proc is not None
             result: dict[str, httpx2.Response] = {}
-            request = threading.Thread(target=lambda: result.setdefault("r", httpx2.get(f"{outpost.url}/open", timeout=10)))
+            request = threading.Thread(
+                target=lambda: result.setdefault("r", httpx2.get(f"{outpost.url}/open", timeout=10)))
             request.start()
             time.sleep(0.5)
             outpost.proc.send_signal(signal.SIGTERM)

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mitm_outpost import pytest_plugin
+
+from mitm_outpost.testing import assertions, forward_auth
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "protected-app"
@@ -69,23 +70,19 @@ def test_entry_point_name_is_the_module_name() -> None:
     assert [ep.name for ep in _entry_points()] == [PLUGIN]
 
 
-def _directives(text: str) -> list[str]:
-    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
-
-
-def test_builtin_nginx_config_is_the_documented_one() -> None:
-    """The plugin carries docs/forward-auth/nginx-single.conf (installs have no docs/): same directives."""
-    documented = (ROOT / "docs" / "forward-auth" / "nginx-single.conf").read_text()
-    assert _directives(pytest_plugin.NGINX_SINGLE) == _directives(documented)
+def test_documented_nginx_config_is_the_shipped_one() -> None:
+    """docs/forward-auth/nginx-single.conf is a link to the package's template (installs have no docs/)."""
+    documented = ROOT / "docs" / "forward-auth" / "nginx-single.conf"
+    assert documented.is_symlink() and documented.resolve() == Path(str(forward_auth.TEMPLATE)).resolve()
 
 
 def test_header_helpers_accept_every_documented_shape() -> None:
     pairs = [["X-authentik-username", "alice"], ["X-authentik-groups", "users|admins"], ["X-Team", "blue"]]
     for source in ({"headers": pairs}, {"headers": dict(pairs)}, dict(pairs), pairs):
-        seen = pytest_plugin.assert_identity(source, "alice", groups=["admins", "users"], headers={"x-team": "blue"})
+        seen = assertions.assert_identity(source, "alice", groups=["admins", "users"], headers={"x-team": "blue"})
         assert seen["x-authentik-username"] == "alice"
     with pytest.raises(AssertionError, match="X-authentik-groups: expected \\['admins'\\]"):
-        pytest_plugin.assert_identity(pairs, groups=["admins"])
-    pytest_plugin.assert_no_identity({"headers": {"X-authentik-username": "", "Host": "app"}})
+        assertions.assert_identity(pairs, groups=["admins"])
+    assertions.assert_no_identity({"headers": {"X-authentik-username": "", "Host": "app"}})
     with pytest.raises(AssertionError, match="received an identity"):
-        pytest_plugin.assert_no_identity(pairs)
+        assertions.assert_no_identity(pairs)

@@ -329,7 +329,8 @@ def test_denied_request(setup: Setup) -> None:
         assert resp.status_code == 302
         location = urlsplit(resp.headers["location"])
         start_host = host if setup.mode == "single" else setup.host("auth")
-        assert (location.scheme, location.netloc, location.path) == ("http", start_host, "/outpost.goauthentik.io/start")
+        assert (location.scheme, location.netloc, location.path) == (
+            "http", start_host, "/outpost.goauthentik.io/start")
         assert location.query == f"rd=http://{host}{APP_PATH}"
         assert parse_qs(location.query)["rd"] == [f"http://{host}/app/page?q=1"]  # `&x=...` splits off!
     else:
@@ -482,6 +483,7 @@ def nginx_binary() -> str:
 
 def test_start_failure_reports_the_proxy_output(nginx_binary: str, tmp_path: Path) -> None:
     broken = Nginx(f"server {{\n    listen 127.0.0.1:{free_port()};\n    bogus_directive on;\n}}\n", tmp_path)
-    with pytest.raises(RuntimeError, match=r'nginx exited with 1 before listening(.|\n)*unknown directive "bogus_directive"'):
+    with pytest.raises(RuntimeError,
+                       match=r'nginx exited with 1 before listening(.|\n)*unknown directive "bogus_directive"'):
         broken.start()
     assert broken.pid is None

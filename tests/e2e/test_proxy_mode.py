@@ -12,7 +12,10 @@ import jwt
 import pytest
 
 from mitm_outpost import names
-from tests.support.processes import Outpost, browser, free_port, mock_login, provider_entry
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.login import sign_in_to_callback as mock_login
+from mitm_outpost.testing.processes import free_port
+from tests.support.processes import Outpost, provider_entry
 
 SPOOFS = {
     "X-authentik-username": "evil",
@@ -69,7 +72,8 @@ def test_login_round_trip_sends_identity_headers(outpost: Outpost) -> None:
     form = client.post(authorize.headers["location"], data={"sub": "alice"})
     done = client.get(form.headers["location"])
     assert done.headers["location"] == f"{outpost.url}/private/page?x=1&y=%2F"
-    session_cookie = next(c for c in done.headers.get_list("set-cookie") if c.startswith(names.cookie_name("app-client") + "="))
+    session_cookie = next(c for c in done.headers.get_list("set-cookie")
+                          if c.startswith(names.cookie_name("app-client") + "="))
     assert "HttpOnly" in session_cookie and "SameSite=Lax" in session_cookie and "Path=/" in session_cookie
     assert "Secure" not in session_cookie  # external host is plain http
     assert "Max-Age=600" in session_cookie
@@ -86,10 +90,12 @@ def test_login_round_trip_sends_identity_headers(outpost: Outpost) -> None:
     assert seen["x-authentik-uid"] == ["alice"]
     assert jwt.decode(seen["x-authentik-jwt"][0], options={"verify_signature": False})["sub"] == "alice"
     assert seen["x-authentik-meta-provider"] == ["app"] and seen["x-authentik-meta-outpost"] == ["test-outpost"]
-    assert seen["x-authentik-meta-app"] == ["app"] and seen["x-authentik-meta-version"][0].startswith("goauthentik.io/outpost/")
+    assert (seen["x-authentik-meta-app"] == ["app"]
+            and seen["x-authentik-meta-version"][0].startswith("goauthentik.io/outpost/"))
     assert seen["x-authentik-meta-jwks"][0].endswith("/jwks")
-    for legacy, value in {"x-auth-username": "alice", "x-auth-groups": "admins|users", "x-forwarded-email": "alice@example.test",
-                          "x-forwarded-preferred-username": "alice", "x-forwarded-user": "alice"}.items():
+    for legacy, value in {"x-auth-username": "alice", "x-auth-groups": "admins|users",
+                          "x-forwarded-email": "alice@example.test", "x-forwarded-preferred-username": "alice",
+                          "x-forwarded-user": "alice"}.items():
         assert seen[legacy] == [value]
     assert seen["host"] == [f"127.0.0.1:{outpost.http_port}"]  # the client's Host, as authentik sends it (seed 001)
     assert seen["x-forwarded-host"] == [f"127.0.0.1:{outpost.http_port}"]
@@ -104,7 +110,8 @@ def test_spoofed_identity_headers_never_reach_the_upstream(outpost: Outpost, pat
     assert response.status_code == 200
     seen = received(response)
     values = [v for vs in seen.values() for v in vs]
-    assert not {"evil", "admins", "evil@example.test", "forged", "6.6.6.6", "evil.example", "gopher", "0", "Evil"} & set(values)
+    assert not ({"evil", "admins", "evil@example.test", "forged", "6.6.6.6", "evil.example", "gopher", "0", "Evil"}
+                & set(values))
     assert not [k for k in seen if "_" in k]
     if path == "/headers/public":  # let through by a rule: no identity at all
         assert not [k for k in seen if k.startswith("x-authentik-")]
@@ -122,7 +129,8 @@ def test_authorization_header_gets_401_not_a_redirect(outpost: Outpost) -> None:
 
 
 def test_ping_answers_any_host_and_unknown_hosts_get_400(outpost: Outpost) -> None:
-    assert httpx2.get(f"{outpost.url}/outpost.goauthentik.io/ping", headers={"Host": "whatever.example"}).status_code == 204
+    assert httpx2.get(f"{outpost.url}/outpost.goauthentik.io/ping",
+                      headers={"Host": "whatever.example"}).status_code == 204
     unknown = httpx2.get(f"{outpost.url}/", headers={"Host": "other.example"})
     assert unknown.status_code == 400
     assert unknown.json()["host"] == "other.example"
@@ -151,7 +159,8 @@ def test_state_from_another_browser_is_refused(outpost: Outpost) -> None:
     other.get(f"{outpost.url}/outpost.goauthentik.io/start")  # has its own pre-login cookie
     response = other.get(callback)
     assert response.status_code == 400 and "another browser" in response.text
-    assert not [c for c in response.headers.get_list("set-cookie") if c.startswith(names.cookie_name("app-client") + "=")]
+    assert not [c for c in response.headers.get_list("set-cookie")
+                if c.startswith(names.cookie_name("app-client") + "=")]
 
 
 def test_tampered_and_expired_state_are_refused(outpost: Outpost) -> None:
@@ -161,7 +170,8 @@ def test_tampered_and_expired_state_are_refused(outpost: Outpost) -> None:
     tampered = callback.replace(state, f"{header}.{payload}.{signature[:-2]}AA")
     assert client.get(tampered).status_code == 400
     claims = jwt.decode(state, options={"verify_signature": False})
-    key = __import__("mitm_outpost.provider", fromlist=["_state_key"])._state_key({"name": "app", "cookie_secret": "", "client_secret": "app-secret"})
+    key = __import__("mitm_outpost.provider", fromlist=["_state_key"])._state_key(
+        {"name": "app", "cookie_secret": "", "client_secret": "app-secret"})
     expired = jwt.encode({**claims, "exp": int(time.time()) - 5}, key, algorithm="HS256")
     response = client.get(callback.replace(state, expired))
     assert response.status_code == 400 and "expired" in response.text

@@ -14,8 +14,9 @@ import httpx2
 import pytest
 
 from mitm_outpost.listeners import write_self_signed
-from tests.e2e.test_forward_auth import LoopbackTransport
-from tests.support.processes import RUNNERS, Outpost, free_port
+from mitm_outpost.testing.processes import free_port
+from mitm_outpost.testing.transport import LoopbackTransport
+from tests.support.processes import RUNNERS, Outpost
 from tests.support.proxies import DOCS_DIR, Nginx, render_text, require_or_skip
 
 
@@ -27,7 +28,8 @@ def test_seed_004_nginx_standalone(idp: str, upstream: str, tmp_path: Path, tool
     cert = write_self_signed(tmp_path / "nginx.pem", ["app.example.test"])
     text = render_text(text, tls_port=tls_port, outpost_host="127.0.0.1", outpost_port=outpost_port,
                        authentik_host="auth.example.test", placeholders="")
-    text = text.replace("/etc/ssl/certs/ssl-cert-snakeoil.pem", str(cert)).replace("/etc/ssl/private/ssl-cert-snakeoil.key", str(cert))
+    text = text.replace("/etc/ssl/certs/ssl-cert-snakeoil.pem", str(cert)).replace(
+        "/etc/ssl/private/ssl-cert-snakeoil.key", str(cert))
     text = text.replace("# proxy_pass          http://localhost:5000;", f"proxy_pass          {upstream};")
     entry = {"name": "seed", "mode": "forward_single", "external_host": f"https://app.example.test:{tls_port}",
              "client_id": "seed", "client_secret": "seed-secret", "issuer": idp}
@@ -68,7 +70,8 @@ def test_seed_002_nginx_needs_only_its_undefined_variable(idp: str, upstream: st
     entry = {"name": "seed002", "mode": "forward_single", "external_host": f"http://app.example.test:{port}",
              "client_id": "seed002", "client_secret": "seed-secret", "issuer": idp}
     with Outpost([entry], outpost_port, tool=tool), Nginx(defined, tempfile.mkdtemp(prefix="seed-"), port=port):
-        client = httpx2.Client(transport=LoopbackTransport(), follow_redirects=False, headers={"Accept": "text/html"}, timeout=15)
+        client = httpx2.Client(transport=LoopbackTransport(), follow_redirects=False, headers={"Accept": "text/html"},
+                               timeout=15)
         target = f"http://app.example.test:{port}/headers"
         # The seed puts `error_page 401` in the /akprox location, not in `/`: the browser gets the 401 itself.
         assert client.get(target).status_code == 401

@@ -11,7 +11,9 @@ import httpx2
 import pytest
 import yaml
 
-from tests.support.processes import Outpost, browser, free_port
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.processes import free_port
+from tests.support.processes import Outpost
 from tests.support.redis_server import RedisServer
 
 EXTERNAL = "app.example.test:8800"
@@ -50,7 +52,8 @@ def cluster(idp: str, upstream: str) -> Iterator[Cluster]:
     entry = {"name": "shared", "external_host": f"http://{EXTERNAL}", "internal_host": upstream, "issuer": idp,
              "client_id": "shared", "client_secret": "shared-secret", "access_token_validity": 60}
     with RedisServer() as server:
-        server.args += ["--appendonly", "yes", "--appendfsync", "always"]  # survives a restart, as production Redis would
+        # survives a restart, as production Redis would
+        server.args += ["--appendonly", "yes", "--appendfsync", "always"]
         server.stop()
         server.start()
         with Replica(entry, server.url) as one, Replica(entry, server.url) as two:
@@ -165,11 +168,13 @@ def test_back_channel_logout_from_a_certified_idp_ends_the_session_on_every_repl
 
     ports = free_port(), free_port()  # replica one's port is the external host the IdP posts to
     external = f"127.0.0.1:{ports[0]}"
-    client_meta = {"client_id": "bcl", "client_secret": "bcl-secret", "token_endpoint_auth_method": "client_secret_basic",
+    client_meta = {"client_id": "bcl", "client_secret": "bcl-secret",
+                   "token_endpoint_auth_method": "client_secret_basic",
                    "redirect_uris": [f"http://{external}/outpost.goauthentik.io/callback?X-authentik-auth-callback=true"],
                    "backchannel_logout_uri": f"http://{external}/outpost.goauthentik.io/backchannel_logout",
                    "backchannel_logout_session_required": True}
-    with RedisServer() as server, PanvaOP([client_meta], {"alice": {"preferred_username": "alice"}}, [make_rsa_jwk("k1")]) as op:
+    with RedisServer() as server, PanvaOP([client_meta], {"alice": {"preferred_username": "alice"}},
+                                          [make_rsa_jwk("k1")]) as op:
         entry = {"name": "bcl", "external_host": f"http://{external}", "internal_host": upstream, "issuer": op.issuer,
                  "client_id": "bcl", "client_secret": "bcl-secret"}
         with Replica(entry, server.url, ports[0]) as one, Replica(entry, server.url) as two:
@@ -178,9 +183,11 @@ def test_back_channel_logout_from_a_certified_idp_ends_the_session_on_every_repl
             authorize = client.get(start.headers["location"])
             assert client.get(login(client, authorize.headers["location"], "alice")).status_code == 302
             seen = {k.lower(): v for k, v in client.get(f"http://{external}/headers").json()["headers"]}
-            assert client.get(f"http://127.0.0.1:{two.http_port}/headers", headers={"Host": external}).status_code == 200
+            assert client.get(f"http://127.0.0.1:{two.http_port}/headers",
+                              headers={"Host": external}).status_code == 200
             meta = httpx2.get(f"{op.issuer}/.well-known/openid-configuration").json()
-            form = client.get(meta["end_session_endpoint"], params={"id_token_hint": seen["x-authentik-jwt"], "client_id": "bcl"})
+            form = client.get(meta["end_session_endpoint"],
+                              params={"id_token_hint": seen["x-authentik-jwt"], "client_id": "bcl"})
             xsrf = re.search(r'name="xsrf" value="([^"]+)"', form.text)
             assert xsrf, form.text[:500]
             client.post(f"{op.issuer}/session/end/confirm", data={"xsrf": xsrf.group(1), "logout": "yes"})
@@ -188,7 +195,9 @@ def test_back_channel_logout_from_a_certified_idp_ends_the_session_on_every_repl
             while client.get(f"http://{external}/headers").status_code != 302:
                 assert time.monotonic() < deadline, "the back-channel logout did not end the session"
                 time.sleep(0.1)
-            assert client.get(f"http://127.0.0.1:{two.http_port}/headers", headers={"Host": external}).status_code == 302
+            assert client.get(f"http://127.0.0.1:{two.http_port}/headers",
+                              headers={"Host": external}).status_code == 302
             assert "back-channel logout: ended 1 session(s)" in one.output
-            bad = httpx2.post(f"http://{external}/outpost.goauthentik.io/backchannel_logout", data={"logout_token": "x.y.z"})
+            bad = httpx2.post(f"http://{external}/outpost.goauthentik.io/backchannel_logout",
+                              data={"logout_token": "x.y.z"})
             assert bad.status_code == 400 and bad.json()["message"] == "invalid_request"

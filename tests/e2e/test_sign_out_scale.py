@@ -10,7 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.processes import ROOT, Outpost, browser, free_port, mock_login, provider_entry
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.login import sign_in_to_callback as mock_login
+from mitm_outpost.testing.processes import free_port
+from tests.support.processes import ROOT, Outpost, provider_entry
 
 SESSIONS = 1_000_000
 LOGINS = 3  # alice twice, bob once

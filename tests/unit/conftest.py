@@ -5,11 +5,12 @@ from typing import Any
 
 import pytest
 
-from mitm_outpost import config_schema as config, provider
+from mitm_outpost import config_schema as config
+from mitm_outpost import provider
 from mitm_outpost.identity import user_headers
+from mitm_outpost.oidc import IdentityProvider
 from mitm_outpost.registry import Registry
 from mitm_outpost.sessions import Session
-from mitm_outpost.oidc import IdentityProvider
 
 
 def make_provider(**fields: Any) -> provider.Provider:
@@ -20,7 +21,8 @@ def make_provider(**fields: Any) -> provider.Provider:
         "end_session_endpoint": "https://idp.example.test/logout", **fields,
     }
     settings = config.parse({"providers": [entry]}).providers[0]
-    idp = IdentityProvider.from_settings({**settings, "oidc_configuration": {"id_token_signing_alg_values_supported": ["HS256"]}})
+    idp = IdentityProvider.from_settings(
+        {**settings, "oidc_configuration": {"id_token_signing_alg_values_supported": ["HS256"]}})
     return provider.build(settings, "test-outpost", idp)
 
 
@@ -35,5 +37,6 @@ async def signed_in(registry: Registry) -> str:
     """A session of alice at the registry's first provider, put in its store: the Cookie value."""
     p = registry.providers[0]
     headers = user_headers({"sub": "u1", "preferred_username": "alice"}, "tok", True)
-    await registry.store.put("sid-1", Session.of(provider=p.name, sub="u1", headers=headers, expires_at=time.time() + 60))
+    await registry.store.put("sid-1",
+                             Session.of(provider=p.name, sub="u1", headers=headers, expires_at=time.time() + 60))
     return f"{p.cookie_name}=sid-1"

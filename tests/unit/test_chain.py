@@ -8,24 +8,18 @@ from mitmproxy import http
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook
 from mitmproxy.test import taddons, tflow, tutils
 
-from mitm_outpost import decision, names
+from mitm_outpost import chain, decision, names
 from mitm_outpost.chain import Chain
-from mitm_outpost.registry import Registry
-from mitm_outpost.endpoints import Endpoints
 from mitm_outpost.gate import Gate
-from mitm_outpost.header_auth import HeaderAuth
 from mitm_outpost.identity import user_headers
-from mitm_outpost.routing import Routing
-from mitm_outpost.sanitize import Sanitize
-from mitm_outpost.session_check import SessionCheck
+from mitm_outpost.registry import Registry
 from mitm_outpost.sessions import Session
 from tests.unit.conftest import make_provider
-from mitm_outpost.upstream import Upstream
 
 
-def chain(registry: Registry) -> list:
-    return [Routing(registry), Sanitize(), Endpoints(registry), SessionCheck(registry), HeaderAuth(registry),
-            Gate(registry), Upstream(registry)]
+def outpost(registry: Registry) -> Chain:
+    """The production runner's chain, in its own order."""
+    return chain.build(registry, interactive=False)
 
 
 def flow(path: str = "/", host: str = "app.example.test", headers: dict[str, str] | None = None) -> http.HTTPFlow:
@@ -37,7 +31,7 @@ def flow(path: str = "/", host: str = "app.example.test", headers: dict[str, str
 
 
 async def run(registry: Registry, f: http.HTTPFlow) -> http.HTTPFlow:
-    with taddons.context(Chain(chain(registry))) as tctx:
+    with taddons.context(outpost(registry)) as tctx:
         await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(f))
     return f
 
@@ -45,7 +39,8 @@ async def run(registry: Registry, f: http.HTTPFlow) -> http.HTTPFlow:
 async def logged_in(registry: Registry) -> str:
     p = registry.providers[0]
     claims = {"sub": "u1", "preferred_username": "alice", "groups": ["a", "b"], "email": "a@x"}
-    session = Session.of(provider=p.name, sub="u1", headers=user_headers(claims, "tok", True), expires_at=time.time() + 60)
+    session = Session.of(provider=p.name, sub="u1", headers=user_headers(claims, "tok", True),
+                         expires_at=time.time() + 60)
     await registry.store.put("sid-1", session)
     return f"{p.cookie_name}=sid-1"
 
@@ -82,7 +77,8 @@ async def test_skip_rule_lets_through_without_identity(registry: Registry) -> No
 
 async def test_session_gets_identity_and_forwarding_headers(registry: Registry) -> None:
     cookie = await logged_in(registry)
-    f = await run(registry, flow("/x", headers={"Cookie": f"a=1; {cookie}; b=2", "X-Forwarded-For": "6.6.6.6", "x-authentik-uid": "0"}))
+    f = await run(registry, flow("/x", headers={"Cookie": f"a=1; {cookie}; b=2", "X-Forwarded-For": "6.6.6.6",
+                                                "x-authentik-uid": "0"}))
     assert f.response is None
     headers = f.request.headers
     assert headers["X-authentik-username"] == "alice" and headers["X-authentik-groups"] == "a|b"
@@ -92,7 +88,8 @@ async def test_session_gets_identity_and_forwarding_headers(registry: Registry) 
     assert headers["X-Forwarded-For"] == "127.0.0.1" and headers["X-Forwarded-Host"] == "app.example.test"
     assert f.metadata["outpost"]["outcome"] == "allowed" and f.metadata["outpost"]["user"] == "alice"
     # authentik's way: the URL goes to internal_host, Host stays the client's (seed 001).
-    assert (f.request.scheme, f.request.host, f.request.port, headers["Host"]) == ("http", "10.0.0.5", 8080, "app.example.test")
+    assert (f.request.scheme, f.request.host, f.request.port, headers["Host"]) == (
+        "http", "10.0.0.5", 8080, "app.example.test")
     assert f.response is None and headers.get_all("Host") == ["app.example.test"]
 
 
@@ -112,7 +109,8 @@ async def test_an_http2_request_goes_upstream_with_the_same_authority_as_host(re
     f.request.http_version, f.request.authority = "HTTP/2.0", "app.example.test"
     f = await run(registry, f)
     assert f.metadata["outpost"]["outcome"] == "allowed"
-    assert (f.request.host, f.request.port, f.request.authority, f.request.host_header) == ("10.0.0.5", 8080, sent, sent)
+    assert (f.request.host, f.request.port, f.request.authority, f.request.host_header) == (
+        "10.0.0.5", 8080, sent, sent)
     assert f.request.headers["X-Forwarded-Host"] == "app.example.test"
 
 
@@ -162,10 +160,20 @@ async def test_sign_out_ends_all_sessions_of_the_user(registry: Registry) -> Non
 
 
 def test_identity_header_names_have_one_source() -> None:
-    assert len(names.IDENTITY_HEADERS) == 12
-    produced = {name.decode() for name, _ in user_headers({"sub": "x"}, "", True)}
-    assert produced | {n for n in names.IDENTITY_HEADERS if "meta" in n} == set(names.IDENTITY_HEADERS) | set(names.LEGACY_HEADERS)
-    assert all(value == value.strip() and b"\n" not in value for _, value in user_headers({"sub": "a\r\nX: y"}, "", False))
+    """Each group of names.py is exactly what its producer sends, in order, and the groups make up the lists."""
+    def sent(fields: tuple[tuple[bytes, bytes], ...]) -> tuple[str, ...]:
+        return tuple(name.decode() for name, _ in fields)
+
+    assert sent(user_headers({"sub": "x"}, "", False)) == names.USER_HEADERS
+    assert sent(user_headers({"sub": "x"}, "", True)) == (*names.USER_HEADERS, *names.LEGACY_HEADERS)
+    assert sent(make_provider().static_headers) == names.META_HEADERS
+    assert names.IDENTITY_HEADERS == (*names.USER_HEADERS, *names.META_HEADERS)
+    assert names.ALL_IDENTITY_HEADERS == (*names.IDENTITY_HEADERS, *names.LEGACY_HEADERS)
+    assert len({names.header_key(n) for n in names.ALL_IDENTITY_HEADERS}) == len(names.ALL_IDENTITY_HEADERS)
+    assert all(n.startswith(names.AUTHENTIK_PREFIX) for n in names.IDENTITY_HEADERS)
+    assert not any(n.startswith(names.AUTHENTIK_PREFIX) for n in names.LEGACY_HEADERS)
+    assert all(value == value.strip() and b"\n" not in value
+               for _, value in user_headers({"sub": "a\r\nX: y"}, "", False))
 
 
 @pytest.fixture
@@ -175,7 +183,8 @@ def forward_registry() -> Registry:
 
     reg = Registry()
     reg.replace("test-outpost", (
-        make_provider(name="single", mode="forward_single", external_host="https://app.example.test", internal_host="", client_id="s"),
+        make_provider(name="single", mode="forward_single", external_host="https://app.example.test", internal_host="",
+                      client_id="s"),
         make_provider(name="domain", mode="forward_domain", external_host="https://auth.corp.test", internal_host="",
                       cookie_domain="corp.test", client_id="d", skip_path_regex="^https://health\\.corp\\.test/ping$"),
     ))
@@ -199,7 +208,8 @@ async def test_forward_auth_from_untrusted_peer_is_403(forward_registry: Registr
     ("app.example.test", "single"), ("corp.test", "domain"), ("a.corp.test", "domain"), ("x.y.corp.test", "domain"),
     ("evilcorp.test", None), ("corp.test.evil.test", None),
 ])
-async def test_domain_level_routing_needs_a_dot_boundary(forward_registry: Registry, host: str, provider: str | None) -> None:
+async def test_domain_level_routing_needs_a_dot_boundary(forward_registry: Registry, host: str,
+                                                         provider: str | None) -> None:
     f = await run(forward_registry, traefik_check(host, "/x"))
     if provider is None:
         assert f.response.status_code == 400
@@ -211,14 +221,18 @@ async def test_forward_auth_answers(forward_registry: Registry) -> None:
     session_cookie = None
     p = forward_registry.providers[1]
     claims = {"sub": "u1", "preferred_username": "alice"}
-    await forward_registry.store.put("sid", Session.of(provider="domain", sub="u1", headers=user_headers(claims, "", True), expires_at=time.time() + 60))
+    await forward_registry.store.put("sid", Session.of(provider="domain", sub="u1",
+                                                       headers=user_headers(claims, "", True),
+                                                       expires_at=time.time() + 60))
     session_cookie = f"{p.cookie_name}=sid"
 
     ok = await run(forward_registry, traefik_check("a.corp.test", "/x", Cookie=session_cookie))
     assert ok.response.status_code == 200 and ok.response.content == b""
-    assert ok.response.headers["X-authentik-username"] == "alice" and ok.response.headers["X-authentik-meta-provider"] == "domain"
+    assert (ok.response.headers["X-authentik-username"] == "alice"
+            and ok.response.headers["X-authentik-meta-provider"] == "domain")
 
-    skipped = await run(forward_registry, traefik_check("health.corp.test", "/ping", **{"X-authentik-username": "evil"}))
+    skipped = await run(
+        forward_registry, traefik_check("health.corp.test", "/ping", **{"X-authentik-username": "evil"}))
     assert skipped.response.status_code == 200 and skipped.response.headers["X-authentik-username"] == ""
     tricked = await run(forward_registry, traefik_check("private.corp.test", "/x?https://health.corp.test/ping"))
     assert tricked.response.status_code == 302
@@ -257,7 +271,8 @@ async def test_an_addon_failure_never_lets_a_request_through(registry: Registry,
     with caplog.at_level(logging.ERROR, "mitm_outpost"):
         f = await run(registry, flow("/private?token=q-secret", headers={"Accept": "text/html"}))
     assert f.response.status_code == 403 and f.metadata["outpost"]["code"] == "step_failed"
-    assert "addon error in test_an_addon_failure_never_lets_a_request_through.<locals>.broken (RuntimeError at test_chain.py:" in caplog.text
+    assert ("addon error in test_an_addon_failure_never_lets_a_request_through.<locals>.broken "
+            "(RuntimeError at test_chain.py:") in caplog.text
     assert "bug" not in caplog.text and "q-secret" not in caplog.text  # neither the message nor the query
 
 
@@ -283,7 +298,8 @@ def test_empty_answers_are_independent_copies() -> None:
     first, second = pages.empty(200), pages.empty(200)
     first.headers["X-authentik-username"] = "alice"
     assert "X-authentik-username" not in second.headers
-    assert (second.status_code, second.reason, second.content, second.headers["Cache-Control"]) == (200, "OK", b"", "no-store")
+    assert (second.status_code, second.reason, second.content, second.headers["Cache-Control"]) == (
+        200, "OK", b"", "no-store")
     assert pages.empty(403).reason == "Forbidden"
 
 
@@ -301,19 +317,19 @@ async def test_back_channel_logout_token_rules(registry: Registry) -> None:
         f.request.urlencoded_form = {"logout_token": pyjwt.encode(token_claims, "s3cret", algorithm="HS256")}
         return f
 
-    addons = chain(registry)  # one outpost: its replay memory lasts across requests
+    one = outpost(registry)  # one outpost: its replay memory lasts across requests
 
     async def run_full(f: http.HTTPFlow) -> http.HTTPFlow:
         from mitmproxy.proxy.layers.http import HttpRequestHook
 
-        with taddons.context(*addons) as tctx:
+        with taddons.context(one) as tctx:
             await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(f))
             assert f.response is None  # the body is needed: decided in the request hook
             await tctx.master.addons.handle_lifecycle(HttpRequestHook(f))
         return f
 
-    for bad in ({**claims, "nonce": "n"}, {k: v for k, v in claims.items() if k != "events"}, {**claims, "aud": "other"},
-                {k: v for k, v in claims.items() if k != "jti"}):
+    for bad in ({**claims, "nonce": "n"}, {k: v for k, v in claims.items() if k != "events"},
+                {**claims, "aud": "other"}, {k: v for k, v in claims.items() if k != "jti"}):
         assert (await run_full(post(bad))).response.status_code == 400
     assert await registry.store.get(p.name, "sid-1") is not None
     assert (await run_full(post(claims))).response.status_code == 200
@@ -337,7 +353,7 @@ async def test_an_http2_body_is_framed_for_an_http1_upstream(registry: Registry)
     f = flow("/x", headers={"Cookie": cookie})
     f.request.http_version, f.request.authority, f.request.method = "HTTP/2.0", "app.example.test", "POST"
     f.request.headers.pop("Content-Length", None)
-    with taddons.context(Chain(chain(registry))) as tctx:
+    with taddons.context(outpost(registry)) as tctx:
         await tctx.master.addons.handle_lifecycle(HttpRequestHeadersHook(f))
         assert f.request.headers["Transfer-Encoding"] == "chunked"  # in case mitmproxy streams it
         f.request.raw_content = b"GET /admin HTTP/1.1\r\n\r\n"
@@ -347,5 +363,6 @@ async def test_an_http2_body_is_framed_for_an_http1_upstream(registry: Registry)
 
 
 def test_client_strings_in_log_lines_cannot_forge_a_line() -> None:
-    assert decision.printable("a\r\nFAKE\x00\x1b[31m\x7f\x85\u2028\udcff ok") == "a\\x0d\\x0aFAKE\\x00\\x1b[31m\\x7f\\x85\\u2028\\udcff ok"
+    assert (decision.printable("a\r\nFAKE\x00\x1b[31m\x7f\x85\u2028\udcff ok")
+            == "a\\x0d\\x0aFAKE\\x00\\x1b[31m\\x7f\\x85\\u2028\\udcff ok")
     assert decision.printable("x" * 300) == "x" * 200 and decision.without_query("/a?token=1#f") == "/a"

@@ -16,7 +16,8 @@ def parse(**fields: object) -> dict:
 def test_defaults_follow_authentik() -> None:
     values = parse()
     assert values["mode"] == "proxy" and values["intercept_header_auth"] is True
-    assert values["internal_host_ssl_validation"] is True and values["scopes_to_request"] == ["openid", "profile", "email"]
+    assert (values["internal_host_ssl_validation"] is True
+            and values["scopes_to_request"] == ["openid", "profile", "email"])
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -46,7 +47,8 @@ def test_env_and_file_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("APP_SECRET", "from-env")
     assert parse(client_secret="${APP_SECRET}")["client_secret"] == "from-env"
     (tmp_path / "s").write_text("from-file\n")
-    assert config.parse({"providers": [{**BASE, "client_secret_file": "s"}]}, base=tmp_path).providers[0]["client_secret"] == "from-file"
+    assert config.parse({"providers": [{**BASE, "client_secret_file": "s"}]},
+                        base=tmp_path).providers[0]["client_secret"] == "from-file"
     with pytest.raises(ConfigError, match="give either 'client_secret' or 'client_secret_file'"):
         config.parse({"providers": [{**BASE, "client_secret": "x", "client_secret_file": "s"}]}, base=tmp_path)
     with pytest.raises(ConfigError, match="cannot read"):
@@ -54,7 +56,8 @@ def test_env_and_file_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_authentik_export_fields_are_accepted() -> None:
-    values = parse(pk=7, assigned_application_slug="grafana", oidc_configuration={"issuer": "http://i.test", "token_endpoint": "http://i.test/t"})
+    values = parse(pk=7, assigned_application_slug="grafana",
+                   oidc_configuration={"issuer": "http://i.test", "token_endpoint": "http://i.test/t"})
     assert values["token_endpoint"] == "http://i.test/t"
 
 

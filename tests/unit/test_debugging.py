@@ -9,13 +9,14 @@ import pytest
 from mitmproxy import contentviews
 from mitmproxy.test import taddons, tflow, tutils
 
-from mitm_outpost.registry import Registry
 from mitm_outpost.debugging import Commands, IdentityView, JwtView
+from mitm_outpost.registry import Registry
 
 
 def token(exp_offset: int = 300, key: str = "s3cret") -> str:
     now = int(time.time())
-    return jwt.encode({"iss": "https://idp.example.test", "sub": "u1", "iat": now, "exp": now + exp_offset}, key, algorithm="HS256")
+    return jwt.encode({"iss": "https://idp.example.test", "sub": "u1", "iat": now, "exp": now + exp_offset}, key,
+                      algorithm="HS256")
 
 
 def metadata(registry: Registry, body: bytes = b"", **headers: str) -> contentviews.Metadata:
@@ -23,7 +24,8 @@ def metadata(registry: Registry, body: bytes = b"", **headers: str) -> contentvi
     for k, v in headers.items():
         flow.request.headers[k] = v
     flow.request.content = body
-    flow.metadata["outpost"] = {"provider": registry.providers[0].name, "outcome": "allowed", "reason": "session of alice",
+    flow.metadata["outpost"] = {"provider": registry.providers[0].name, "outcome": "allowed",
+                                "reason": "session of alice",
                                 "stripped_headers": "X-authentik-username, X_Authentik_Groups"}
     return contentviews.Metadata(flow=flow, http_message=flow.request)
 

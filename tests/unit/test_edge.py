@@ -7,8 +7,9 @@ from mitmproxy.proxy.layers import http as http_layers
 from mitmproxy.proxy.layers import tcp, tls
 from mitmproxy.test import taddons, tflow
 
-from mitm_outpost.edge import Closing, Edge, StrictHttpLayer
+from mitm_outpost.edge import Edge
 from mitm_outpost.edge_rules import Limits
+from mitm_outpost.strict_http import Closing, StrictHttpLayer
 
 
 def test_limits_come_from_the_options_and_bad_ones_are_refused() -> None:

@@ -6,7 +6,13 @@ from h11._receivebuffer import ReceiveBuffer
 from mitmproxy.test import tutils
 
 from mitm_outpost.edge_rules import (
-    FramingError, Limits, StrictChunkedReader, fields_violation, framing_violation, head_violation, incomplete_head_violation,
+    FramingError,
+    Limits,
+    StrictChunkedReader,
+    fields_violation,
+    framing_violation,
+    head_violation,
+    incomplete_head_violation,
 )
 
 LIMITS = Limits(request_line=64, header_size=256, header_count=4)
@@ -43,7 +49,8 @@ def test_request_heads(head: bytes, code: str | None) -> None:
     refusal = head_violation(head, LIMITS)
     assert (refusal.code if refusal else None) == code
     if refusal:
-        assert refusal.status == {"request_line_too_long": 414, "too_many_header_fields": 431, "header_too_large": 431}.get(code, 400)
+        assert refusal.status == {"request_line_too_long": 414, "too_many_header_fields": 431,
+                                  "header_too_large": 431}.get(code, 400)
 
 
 @pytest.mark.parametrize("pending, code", [
@@ -69,9 +76,11 @@ def _request(*fields: tuple[str, str], version: str = "HTTP/1.1"):  # type: igno
     ((), "HTTP/1.0", None),
     ((), "HTTP/1.1", "missing_host"),
     ((("Host", "a"), ("Host", "b")), "HTTP/1.1", "multiple_host"),
-    ((("Host", "a"), ("Transfer-Encoding", "chunked"), ("Content-Length", "5")), "HTTP/1.1", "content_length_with_transfer_encoding"),
+    ((("Host", "a"), ("Transfer-Encoding", "chunked"), ("Content-Length", "5")), "HTTP/1.1",
+     "content_length_with_transfer_encoding"),
     ((("Host", "a"), ("Transfer-Encoding", "gzip, chunked")), "HTTP/1.1", "transfer_encoding"),
-    ((("Host", "a"), ("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")), "HTTP/1.1", "transfer_encoding"),
+    ((("Host", "a"), ("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")), "HTTP/1.1",
+     "transfer_encoding"),
     ((("Host", "a"), ("Content-Length", "5"), ("Content-Length", "5")), "HTTP/1.1", "content_length"),
     ((("Host", "a"), ("Content-Length", "-1")), "HTTP/1.1", "content_length"),
     ((("Host", "a"), ("Content-Length", "03")), "HTTP/1.1", "content_length"),  # a leading zero: parsers differ

@@ -4,7 +4,7 @@ import pytest
 from mitmproxy import http
 
 from mitm_outpost import forwarded
-from mitm_outpost.fast_lane import IndexedHeaders, make_request
+from mitm_outpost.lane_connection import IndexedHeaders, make_request
 
 FIELDS = ((b"Host", b"app.example.test"), (b"X-Original-URL", b"http://app.example.test/a?b=1"),
           (b"cookie", b"a=1"), (b"Cookie", b"b=2"), (b"Accept", b"*/*"), (b"X-Caf\xc3\xa9", b"cr\xe8me"),

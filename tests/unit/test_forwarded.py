@@ -42,7 +42,9 @@ def _request(headers: dict[str, str]) -> object:
 
 
 def test_nginx_original_url_and_uri() -> None:
-    o = original_request(ProxyKind.NGINX, _request({"Host": "app.test", "X-Original-URL": "https://app.test:8443/p/../admin?x=1"}), "", "")
+    o = original_request(ProxyKind.NGINX,
+                         _request({"Host": "app.test", "X-Original-URL": "https://app.test:8443/p/../admin?x=1"}),
+                         "", "")
     assert (o.host, o.hostname, o.path) == ("app.test:8443", "app.test", "/admin")
     assert o.url == "https://app.test:8443/admin?x=1" and o.origin_url == "https://app.test:8443/admin"
     o = original_request(ProxyKind.NGINX, _request({"Host": "app.test", "X-Original-URI": "/a%2e%2e/x?q"}), "", "")
@@ -52,15 +54,18 @@ def test_nginx_original_url_and_uri() -> None:
 
 
 def test_traefik_needs_all_three_headers() -> None:
-    full = {"Host": "outpost", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "app.test", "X-Forwarded-Uri": "/x?y=1"}
+    full = {"Host": "outpost", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "app.test",
+            "X-Forwarded-Uri": "/x?y=1"}
     o = original_request(ProxyKind.TRAEFIK, _request(full), "", "")
     assert o.url == "https://app.test/x?y=1" and o.path == "/x"
     partial = original_request(ProxyKind.CADDY, _request({**full, "X-Forwarded-Uri": ""}), "", "")
     assert partial.url == "" and partial.host == "app.test"
-    for evil in ({"X-Forwarded-Proto": "javascript"}, {"X-Forwarded-Host": "app.test\r\nX: y"}, {"X-Forwarded-Uri": "//evil.test/"}):
+    for evil in ({"X-Forwarded-Proto": "javascript"}, {"X-Forwarded-Host": "app.test\r\nX: y"},
+                 {"X-Forwarded-Uri": "//evil.test/"}):
         assert original_request(ProxyKind.TRAEFIK, _request({**full, **evil}), "", "").url in ("", "https://app.test//evil.test/")
 
 
 def test_envoy_path_after_the_prefix() -> None:
-    o = original_request(ProxyKind.ENVOY, _request({"Host": "app.test:10000"}), "/outpost.goauthentik.io/auth/envoy/a/b", "q=1")
+    o = original_request(ProxyKind.ENVOY, _request({"Host": "app.test:10000"}),
+                         "/outpost.goauthentik.io/auth/envoy/a/b", "q=1")
     assert o.url == "http://app.test:10000/a/b?q=1" and o.path == "/a/b"

@@ -21,9 +21,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mitm_outpost import oidc
-from mitm_outpost.registry import Registry
 from mitm_outpost.oidc import IdentityProvider, IdPUnavailable, TokenError
-from mitm_outpost.pytest_plugin import free_port
+from mitm_outpost.registry import Registry
+from mitm_outpost.testing.processes import free_port
 from tests.unit.conftest import make_provider
 
 CLIENT_ID, CLIENT_SECRET = "app-client", "s3cret"

@@ -10,10 +10,10 @@ import pytest
 from mitmproxy import http
 
 from mitm_outpost import names
-from mitm_outpost.registry import Registry
 from mitm_outpost.endpoints import marker
 from mitm_outpost.identity import user_headers
 from mitm_outpost.oidc import IdentityProvider
+from mitm_outpost.registry import Registry
 from mitm_outpost.sessions import Session
 from tests.unit.test_chain import flow, forward_registry, logged_in, run, traefik_check  # noqa: F401 (a fixture)
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from mitm_outpost.config_schema import ConfigError
-from mitm_outpost.registry import ProviderSet, Registry
 from mitm_outpost.redis_store import RedisStore
+from mitm_outpost.registry import ProviderSet, Registry
 from mitm_outpost.sessions import MemoryStore
 from tests.support.redis_server import RedisServer
 from tests.unit.conftest import make_provider
@@ -48,7 +48,9 @@ async def test_a_new_store_is_started_before_and_the_old_one_stopped_after_the_s
     registry = Registry()
     redis_store = RedisStore(redis_server.url)
     registry.install(ProviderSet(), redis_store)
-    assert registry.store is redis_store and len(redis_store._tasks) == 2  # invalidation channel and health watch
+    assert registry.store is redis_store
+    assert sorted(t.get_coro().__qualname__ for t in redis_store._tasks) == [  # invalidation channel and health watch
+        "RedisStore._follow_invalidations", "RedisStore._watch"]
     tasks = list(redis_store._tasks)
     memory = MemoryStore()
     registry.install(ProviderSet(), memory)

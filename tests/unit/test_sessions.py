@@ -48,10 +48,12 @@ def test_redis_encoding_round_trips_and_stays_small() -> None:
     from mitm_outpost.identity import user_headers
     from mitm_outpost.redis_store import decode, encode
 
-    claims = {"sub": "u-1", "preferred_username": "alice", "email": "alice@example.test", "name": "Alice", "groups": ["a", "b"]}
+    claims = {"sub": "u-1", "preferred_username": "alice", "email": "alice@example.test", "name": "Alice",
+              "groups": ["a", "b"]}
     headers = user_headers(claims, "eyJ" + "x" * 900, True) + ((b"X-Team", b"blue"),)
-    session = Session.of(provider="p", sub="u-1", headers=headers, expires_at=time.time() + 60, idp_sid="sid", id_token="other",
-                         backend=("http", "b.test", 80, "b.test"), replaces=frozenset({b"host", b"x-team"}))
+    session = Session.of(provider="p", sub="u-1", headers=headers, expires_at=time.time() + 60, idp_sid="sid",
+                         id_token="other", backend=("http", "b.test", 80, "b.test"),
+                         replaces=frozenset({b"host", b"x-team"}))
     raw = encode(session)
     assert decode(raw) == session
     assert len(raw) < 1400
@@ -62,7 +64,8 @@ def test_headers_are_packed_and_unpacked_as_given() -> None:
 
     jwt = "eyJ" + "x" * 900
     made = [Session.of(provider="p", sub=f"u-{i}", headers=user_headers({"sub": f"u-{i}", "preferred_username": name,
-                                                                         "groups": ["a", "b"]}, jwt, True), expires_at=0)
+                                                                         "groups": ["a", "b"]}, jwt, True),
+                       expires_at=0)
             for i, name in enumerate(("alice", "bob"))]
     alice, bob = made
     assert alice.headers == user_headers({"sub": "u-0", "preferred_username": "alice", "groups": ["a", "b"]}, jwt, True)

@@ -4,8 +4,8 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tutils
 
-from mitm_outpost.registry import Registry
 from mitm_outpost.endpoints import sent_cross_site
+from mitm_outpost.registry import Registry
 from tests.unit.conftest import make_provider
 from tests.unit.test_chain import flow, logged_in, run
 

@@ -61,7 +61,8 @@ def test_every_combination_keeps_the_invariants() -> None:
         assert (result.action is Action.LOGIN) == (result.status == 302), facts
         if check is None:
             assert mode is Mode.PROXY or result.action is Action.DENY, facts
-            assert facts.path_normal or result.action in (Action.REDIRECT, Action.DENY), facts  # never judged, never sent
+            # never judged, never sent
+            assert facts.path_normal or result.action in (Action.REDIRECT, Action.DENY), facts
             assert (result.status == 0) == goes_through, facts
         else:
             assert (result.status == 200) == goes_through and result.action is not Action.REDIRECT, facts

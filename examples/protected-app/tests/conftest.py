@@ -4,7 +4,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mitm_outpost.pytest_plugin import run_app
+
+from mitm_outpost.testing.app import run_app
 
 APP = Path(__file__).resolve().parents[1] / "app.py"
 
