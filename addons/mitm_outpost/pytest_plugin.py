@@ -16,6 +16,7 @@ from typing import Any
 import httpx2
 import pytest
 
+from . import names
 from .testing.app import run_app
 from .testing.forward_auth import find_nginx
 from .testing.idp import DevIdP
@@ -85,7 +86,7 @@ def outpost_nginx(pytestconfig: pytest.Config, outpost_idp: DevIdP, outpost_upst
         pytest.skip("forward-auth tests need nginx (with auth_request) on PATH, e.g. apt-get install nginx")
     template = _ini(pytestconfig, "outpost_nginx_template")
     provider = {k: v for k, v in outpost_provider.items() if k not in ("mode", "internal_host")}
-    with ProtectedApp(outpost_idp, outpost_upstream, provider, mode="forward_single",
+    with ProtectedApp(outpost_idp, outpost_upstream, provider, mode=names.Mode.FORWARD_SINGLE.value,
                       nginx_template=(pytestconfig.rootpath / template).read_text() if template else None) as app:
         yield app
 

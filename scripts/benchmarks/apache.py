@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from mitm_outpost import names
 from mitm_outpost.testing.processes import Child, free_port
 from mitm_outpost.testing.transport import LoopbackTransport
 
@@ -24,8 +25,8 @@ APACHE_MODULES = ("mpm_event", "unixd", "authn_core", "authz_core", "authz_user"
                   "proxy", "proxy_http", "auth_openidc")
 APACHE_SESSION_COOKIE = "mod_auth_openidc_session"
 SESSION_COOKIE = re.compile(f"^{APACHE_SESSION_COOKIE}$")
-APACHE_CALLBACK = "/outpost.goauthentik.io/callback"  # OIDCRedirectURI, relative (the request's host), as ours
-AUTH_PATH = "/outpost.goauthentik.io/auth/nginx"  # what nginx-single.conf's auth_request asks
+APACHE_CALLBACK = names.CALLBACK_PATH  # OIDCRedirectURI, relative (the request's host), as ours
+AUTH_PATH = f"{names.OUTPOST_PREFIX}{names.FORWARD_AUTH}/nginx"  # what nginx-single.conf's auth_request asks
 
 # Production-like: Debian's mpm_event.conf and apache2.conf values, except MaxKeepAliveRequests (100 there):
 # unlimited, as nginx's keepalive_requests and mitmproxy here, so that no row alone reconnects every 100

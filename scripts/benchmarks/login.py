@@ -9,11 +9,12 @@ import urllib.parse
 
 import httpx2
 
+from mitm_outpost import names
 from mitm_outpost.testing.login import browser, sign_in, steps
 
 from .shared import USER
 
-SESSION_COOKIE = re.compile(r"^authentik_proxy_[0-9a-f]{8}$")
+SESSION_COOKIE = re.compile(rf"^{names.COOKIE_PREFIX}[0-9a-f]{{8}}$")
 
 
 def log_in(origin: str, transport: httpx2.BaseTransport | None = None,

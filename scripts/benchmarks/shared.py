@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mitm_outpost import names
+
 from .processes import Processes
 
 HOST = "127.0.0.1"
@@ -18,8 +20,8 @@ BENCH_COMMAND = (sys.executable, "-m", __package__)
 OUTPOST_DOMAIN = "outpost.test"  # the providers are <x>.outpost.test:<port>; every name is 127.0.0.1 here
 FORWARD_DOMAIN = "example.test"  # the app is app.example.test:<nginx port>; every name is 127.0.0.1 here
 KEEPALIVE = 16  # idle connections nginx keeps open to the auth server and to the upstream
-PING_PATH = "/outpost.goauthentik.io/ping"
-START_PATH = "/outpost.goauthentik.io/start"
+PING_PATH = names.OUTPOST_PREFIX + names.PING
+START_PATH = names.START_PATH
 
 
 @dataclass(frozen=True)

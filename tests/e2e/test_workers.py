@@ -21,6 +21,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from mitm_outpost import names
 from mitm_outpost.testing.login import browser
 from mitm_outpost.testing.login import sign_in_to_callback as mock_login
 from mitm_outpost.testing.processes import free_port
@@ -30,6 +31,8 @@ from tests.support.redis_server import RedisServer
 STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 ACCESS = re.compile(r"\[(\d+)\] mitm_outpost\.access (\{.*\})$", re.MULTILINE)
 FRESH = 24  # fresh connections per check: all on one worker by chance has odds of 2**-23
+
+PING_PATH = names.OUTPOST_PREFIX + names.PING
 
 
 class WorkerOutpost(Outpost):
@@ -54,7 +57,11 @@ class WorkerOutpost(Outpost):
         return self
 
     def ping(self) -> int:
-        return httpx2.get(f"http://127.0.0.1:{self.metrics_port}/outpost.goauthentik.io/ping").status_code
+        """The supervisor's /ping; 0 while its metrics port is not listening yet (or any more)."""
+        try:
+            return httpx2.get(f"http://127.0.0.1:{self.metrics_port}{PING_PATH}").status_code
+        except httpx2.ConnectError:
+            return 0
 
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout

@@ -74,6 +74,8 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from mitm_outpost import names
+
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "authentik-openapi-components.json"
 
 # Websocket instructions (authentik/outposts/consumer.py: WebsocketMessageInstruction).
@@ -186,7 +188,7 @@ def authentik_oidc_configuration(authentik_url: str, application_slug: str, *, a
     }
 
 
-def make_provider(name: str, external_host: str, internal_host: str = "", mode: str = "proxy",
+def make_provider(name: str, external_host: str, internal_host: str = "", mode: str = names.Mode.PROXY.value,
                   client_id: str | None = None, client_secret: str | None = None,
                   oidc_configuration: dict[str, Any] | str | None = None, **overrides: Any) -> dict[str, Any]:
     """One `ProxyOutpostConfig`, every field present, as `/api/v3/outposts/proxy/` lists it (§2.4).

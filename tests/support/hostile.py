@@ -32,6 +32,7 @@ import h2.events
 import h2.exceptions
 import uvicorn
 
+from mitm_outpost import names
 from tests.support.quiet_http import QuietHandler
 
 # Random-looking, so a hit in a log can only come from a request of the tests.
@@ -368,7 +369,7 @@ class UvicornApp(Recorder):
         """The one protocol switch an app behind the outpost may get: echoes `<user>:<message>`."""
         seen = self._seen(scope, "websocket")
         self.record(seen)
-        user = (seen.values("X-authentik-username") or [""])[0]
+        user = (seen.values(names.USERNAME) or [""])[0]
         await receive()  # websocket.connect
         await send({"type": "websocket.accept"})
         while (message := await receive())["type"] == "websocket.receive":

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Self
 
 import httpx2
 
+from mitm_outpost import names
 from mitm_outpost.testing import outpost as harness
 from mitm_outpost.testing.idp import DevIdP
 from mitm_outpost.testing.login import sign_in
@@ -74,7 +75,7 @@ def whoami(port: int) -> Process:
 def provider_entry(name: str, outpost_port: int, upstream: str, issuer: str, **fields: Any) -> dict[str, Any]:
     return {
         "name": name,
-        "mode": "proxy",
+        "mode": names.Mode.PROXY.value,
         "external_host": f"http://127.0.0.1:{outpost_port}",
         "internal_host": upstream,
         "issuer": issuer,

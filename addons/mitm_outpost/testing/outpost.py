@@ -83,8 +83,8 @@ class ProtectedApp:
     http://app.localtest:<port> with `nginx_template` (default: docs/forward-auth/nginx-single.conf)
     and asks the outpost. `url` is where a browser goes; everything is removed at `stop`."""
 
-    def __init__(self, idp: DevIdP, upstream: str, provider: Mapping[str, Any] | None = None, *, mode: str = "proxy",
-                 nginx_template: str | None = None, runner: str = "lean") -> None:
+    def __init__(self, idp: DevIdP, upstream: str, provider: Mapping[str, Any] | None = None, *,
+                 mode: str = names.Mode.PROXY.value, nginx_template: str | None = None, runner: str = "lean") -> None:
         self.idp, self.upstream, self.mode = idp, upstream.rstrip("/"), mode
         self.workdir = Path(tempfile.mkdtemp(prefix="outpost-plugin-"))
         outpost_port = free_port("")
