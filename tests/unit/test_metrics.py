@@ -84,6 +84,12 @@ def snapshot() -> dict[Sample, float]:
             if s.name.endswith(("_count", "_sum", "_total"))}
 
 
+def one_request(host: str, kind: str = "app") -> dict[Sample, float]:
+    """What one answered GET adds to the request histogram: a count, and 1.5 s (the clock the tests set)."""
+    labels = {"outpost_name": OUTPOST, "method": "GET", "host": host, "type": kind}
+    return {key(REQUESTS + "_count", **labels): 1.0, key(REQUESTS + "_sum", **labels): 1.5}
+
+
 @contextlib.contextmanager
 def added() -> Iterator[dict[Sample, float]]:
     """What the block adds to every counter and histogram count and sum: {(sample, labels): increase}."""
@@ -131,30 +137,23 @@ async def test_a_forward_auth_check_records_the_request_and_decision_and_no_upst
     with outpost(registry) as tctx, added() as changes:
         f = await through(tctx, check)
     assert (f.response.status_code, f.metadata["outpost"]["outcome"]) == (200, "allowed")
-    labels = {"outpost_name": OUTPOST, "method": "GET", "host": "fwd.example.test", "type": "app"}
-    assert changes == {
-        key(REQUESTS + "_count", **labels): 1.0, key(REQUESTS + "_sum", **labels): 1.5,
-        key(DECISIONS + "_total", provider="single", outcome="allowed"): 1.0,
-    }
+    decision = key(DECISIONS + "_total", provider="single", outcome="allowed")
+    assert changes == {**one_request("fwd.example.test"), decision: 1.0}
 
 
 async def test_a_denial_records_the_request_and_a_denied_decision(registry: Registry) -> None:
     with outpost(registry) as tctx, added() as changes:
         f = await through(tctx, request(Accept="application/json"))
     assert f.response.status_code == 401
-    labels = {"outpost_name": OUTPOST, "method": "GET", "host": "app.example.test", "type": "app"}
-    assert changes == {
-        key(REQUESTS + "_count", **labels): 1.0, key(REQUESTS + "_sum", **labels): 1.5,
-        key(DECISIONS + "_total", provider="app", outcome="denied"): 1.0,
-    }
+    decision = key(DECISIONS + "_total", provider="app", outcome="denied")
+    assert changes == {**one_request("app.example.test"), decision: 1.0}
 
 
 async def test_a_ping_is_a_request_of_type_ping_without_provider_or_decision(registry: Registry) -> None:
     with outpost(registry) as tctx, added() as changes:
         f = await through(tctx, request("/outpost.goauthentik.io/ping", host="anything.test"))
     assert f.response.status_code == 204
-    labels = {"outpost_name": OUTPOST, "method": "GET", "host": "", "type": "ping"}
-    assert changes == {key(REQUESTS + "_count", **labels): 1.0, key(REQUESTS + "_sum", **labels): 1.5}
+    assert changes == one_request("", kind="ping")
 
 
 async def test_label_values_never_come_from_the_client(registry: Registry) -> None:
