@@ -87,8 +87,8 @@ ProxyPass / http://{host}:{upstream}/
 APACHE_FORWARD = """\
 # nginx sends them (the request's host and scheme); without this, mod_auth_openidc logs two warnings a request
 OIDCXForwardedHeaders X-Forwarded-Host X-Forwarded-Proto
-Alias /outpost.goauthentik.io/auth/nginx /dev/null
-<Location /outpost.goauthentik.io/auth/nginx>
+Alias {auth} /dev/null
+<Location {auth}>
     AuthType openid-connect
     OIDCUnAuthAction 401
     Require valid-user
@@ -100,7 +100,7 @@ Alias /outpost.goauthentik.io/auth/nginx /dev/null
     Header set X-authentik-groups "%{{OIDC_CLAIM_groups}}e"
 </Location>
 # a login, then back to rd, a path of this host only
-<Location /outpost.goauthentik.io/start>
+<Location {start}>
     AuthType openid-connect
     Require valid-user
     RewriteEngine On
@@ -169,7 +169,7 @@ def start_apache_setups(bench: Bench, apache: str, modules: Path, nginx: str | N
         return setups
     port, front = free_port(), free_port()
     child, argv = start_apache(bench, "fwd_apache", apache, modules, port,
-                               APACHE_FORWARD.format(callback=APACHE_CALLBACK))
+                               APACHE_FORWARD.format(callback=APACHE_CALLBACK, auth=AUTH_PATH, start=START_PATH))
     wait_http(f"http://{HOST}:{port}{AUTH_PATH}", child, expect=401)
     nginx_child, nginx_argv = start_nginx(bench, "nginx-fwd_apache", nginx,
                                           forward_auth_servers(front, port, bench.upstream_port))
