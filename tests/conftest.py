@@ -12,7 +12,10 @@ from tests.support.processes import Process, mock_idp, whoami
 # What each test file exercises, beyond the product itself (`scripts/test -m product` is the inner loop;
 # pyproject.toml describes the markers). A file not named here tests the product.
 EXERCISES = {
-    "docs_configs": ("test_proxy_configs.py", "test_seed_configs.py", "test_plugin_example.py", "test_browser.py"),
+    # the shipped proxy configs, seeds, example and screenshots, each run for real (the forward-auth
+    # configs in front of both runners of the outpost, the seeds', the example as a user runs it)
+    "docs_configs": ("test_proxy_configs.py", "test_proxy_upgrades.py", "test_forward_auth.py", "test_seed_configs.py",
+                     "test_plugin_example.py", "test_browser.py"),
     "doubles": ("test_authentik_api_double.py", "test_panva_harness.py"),
     "bench": ("test_bench_smoke.py",),
 }
