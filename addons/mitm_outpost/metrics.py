@@ -48,6 +48,11 @@ PING_PATHS = frozenset(prefix + names.PING for prefix in names.ENDPOINT_PREFIXES
 REFRESH = 0.5  # seconds between a worker's gauge updates
 
 
+def host_labels(registry: Registry) -> dict[str, str]:
+    """Provider name -> the host label of its requests (its external host), made once per provider set."""
+    return {p.name: p.external_origin.partition("//")[2] for p in registry.providers}
+
+
 def add_options(loader: Loader) -> None:
     """The listener's options: the addon's, and the supervisor's, which serves the port for its workers."""
     host, port = listen_env("AUTHENTIK_LISTEN__METRICS", 9300)
@@ -66,6 +71,7 @@ class Metrics:
         self.refresher: asyncio.Task[None] | None = None
         self.info_labels: tuple[str, ...] = ()
         self.children: dict[tuple[Any, ...], Any] = {}  # labels() is slow; label sets are few and fixed
+        self.hosts = host_labels(registry)
         registry.on_change.append(self.providers_changed)
 
     def load(self, loader: Loader) -> None:
@@ -86,6 +92,7 @@ class Metrics:
         INFO.labels(*labels).set(1)
         LAST_UPDATE.labels(*labels).set(time.time())
         self.children.clear()
+        self.hosts = host_labels(self.registry)
 
     def child(self, metric: Any, *labels: str) -> Any:
         key = (metric, *labels)
@@ -107,12 +114,8 @@ class Metrics:
         end = response.data.timestamp_end if response and response.data.timestamp_end else time.time()
         code = record.get("code", "")
         kind = "ping" if code in names.HEALTH else "app"
-        host = provider.external_origin.partition("//")[2] if provider else ""
-        requests = self.children.get((REQUESTS, provider_name, method, kind))
-        if requests is None:
-            requests = self.children[(REQUESTS, provider_name, method, kind)] = self.child(
-                REQUESTS, name, method, host, kind)
-        requests.observe(end - flow.request.data.timestamp_start)
+        host = self.hosts.get(provider_name, "")
+        self.child(REQUESTS, name, method, host, kind).observe(end - flow.request.data.timestamp_start)
         if route := record.get("route"):
             self.child(ROUTES, route).inc()
         if provider is not None:

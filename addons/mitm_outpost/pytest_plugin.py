@@ -10,6 +10,7 @@ fixture name starts with ``outpost_``, so none takes a name of your suite's.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -82,8 +83,11 @@ def outpost_app(outpost_idp: DevIdP, outpost_upstream: str, outpost_provider: di
 def outpost_nginx(pytestconfig: pytest.Config, outpost_idp: DevIdP, outpost_upstream: str,
                   outpost_provider: dict[str, Any]) -> Iterator[ProtectedApp]:
     """nginx at ``http://app.localtest:<port>`` in front of the app, asking an outpost in forward_single mode."""
-    if not find_nginx():
-        pytest.skip("forward-auth tests need nginx (with auth_request) on PATH, e.g. apt-get install nginx")
+    if not find_nginx():  # a skip where nginx may be missing; in CI (CI=true) a missing program fails the run
+        missing = "forward-auth tests need nginx (with auth_request) on PATH, e.g. apt-get install nginx"
+        if os.environ.get("CI") == "true":
+            pytest.fail(missing)
+        pytest.skip(missing)
     template = _ini(pytestconfig, "outpost_nginx_template")
     provider = {k: v for k, v in outpost_provider.items() if k not in ("mode", "internal_host")}
     with ProtectedApp(outpost_idp, outpost_upstream, provider, mode=names.Mode.FORWARD_SINGLE.value,
