@@ -17,6 +17,7 @@ from mitmproxy import http
 from mitmproxy.net.http import validate
 
 _TCHAR = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+TOKEN = re.compile(rb"%s+" % _TCHAR)  # a method or a field name (RFC 9110 §5.6.2)
 _FIELD_VALUE = rb"[\t\x20-\x7e\x80-\xff]*"  # VCHAR, obs-text, SP, HTAB: no CR, LF, NUL or other controls
 _FIELD_LINE = re.compile(rb"%s+:%s" % (_TCHAR, _FIELD_VALUE))
 # The request line: a token method, an origin-form target of visible ASCII, HTTP/1.0 or 1.1.
@@ -97,7 +98,7 @@ def _diagnose(head: bytes) -> str:
         if line[:1] in (b" ", b"\t"):
             return "obs_fold"
         name, colon, value = line.partition(b":")
-        if not colon or not re.fullmatch(rb"%s+" % _TCHAR, name):
+        if not colon or not TOKEN.fullmatch(name):
             return "field_name"
         if not _VALUE.fullmatch(value):
             return "field_value_control_character"

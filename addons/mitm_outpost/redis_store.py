@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import re
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from . import names
+from .edge_rules import TOKEN
 from .sessions import (
     LOGIN_TTL,
     LoginRefused,
@@ -88,7 +88,6 @@ NAME_TABLES: dict[int, tuple[str, ...]] = {
 FIELDS = frozenset({"f", "p", "h", "v", "e", "s", "i", "t", "b", "be", "r"})  # a field beyond these: a newer format
 _TABLES = {version: tuple(shared(name.encode()) for name in table) for version, table in NAME_TABLES.items()}
 NAME_INDEX = {name: i for i, name in enumerate(_TABLES[FORMAT_VERSION])}
-_TOKEN = re.compile(r"[!#$%&'*+.^`|~0-9A-Za-z-]+")  # a header name (RFC 9110 §5.1)
 DEFAULT_REPLACES = frozenset({b"host"})
 UID = names.UID.encode()  # the session's `sub`, which encode() then leaves out
 
@@ -153,7 +152,7 @@ def _session(d: dict[str, Any], table: tuple[bytes, ...]) -> Session:
 def _name(name: Any, table: tuple[bytes, ...]) -> bytes:
     """A header name: its index in the table, or itself."""
     if isinstance(name, str):
-        if not _TOKEN.fullmatch(name):
+        if not TOKEN.fullmatch(name.encode("latin-1")):
             raise ValueError("a header name that is not a token")
         return shared(name.encode())
     return table[_index(name, len(table))]

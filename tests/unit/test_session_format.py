@@ -57,6 +57,15 @@ def test_a_session_round_trips_with_its_version() -> None:
     assert decode(raw) == session and decode(raw.encode()) == session
 
 
+def test_a_header_name_outside_the_table_round_trips_with_every_token_character() -> None:
+    """An additional header travels as its name: any RFC 9110 token, `_` and the other symbols included."""
+    session = expected()
+    name = b"X_Team!#$%&'*+-.^_`|~9"
+    custom = Session.of(provider=session.provider, sub=session.sub, headers=((*session.headers, (name, b"v"))),
+                        expires_at=session.expires_at)
+    assert decode(encode(custom)).header(name) == "v"
+
+
 def test_the_name_tables_are_frozen() -> None:
     digests = {v: hashlib.sha256(json.dumps(table).encode()).hexdigest() for v, table in NAME_TABLES.items()}
     assert digests == PINNED_TABLES, "a released table is never edited: add a new version (and pin it here)"
