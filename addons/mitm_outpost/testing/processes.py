@@ -7,6 +7,7 @@ log's tail and stopping it also stops what it started (nginx workers, a supervis
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,9 +22,34 @@ import httpx2
 STOP_TIMEOUT = 5.0
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+EPHEMERAL = _ephemeral_range()
+_handed_out: set[int] = set()  # a port is given once per process: two free_port() calls before any bind differ
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel reports free on `host` (pass "" for every address: an outpost listens on all)."""
-    with socket.socket() as s:
+    """A port free on `host` now (pass "" for every address: an outpost listens on all), from below the
+    kernel's ephemeral range: a port the kernel picks for `bind(0)` it may also give, before the child
+    binds it, to any outgoing connection (an "address already in use" now and then under load)."""
+    for _ in range(200):
+        port = random.randrange(max(1024, EPHEMERAL[0] - 20000), EPHEMERAL[0])
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            _handed_out.add(port)
+            return port
+    with socket.socket() as s:  # a crowded range: the kernel's choice
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
