@@ -4,12 +4,12 @@ One plain dict on `flow.metadata["outpost"]` (so flows can be saved and shown in
 mirrored as a one-line `flow.comment` and a mark. Its `code` is a short fixed reason code,
 which logs and metrics read; its `reason` is the sentence for people. Nobody re-derives a
 decision. Per-request working data that must never be serialised
-(cookie values, the session) lives in `Exchange`, kept beside the flow, not on it.
+(cookie values, the session) lives in `Exchange`, in an attribute of the flow that mitmproxy's
+state (`get_state`: saved flows, mitmweb, copies) does not hold.
 """
 
 import logging
 import traceback
-import weakref
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -78,22 +78,23 @@ class Exchange:
     sent_fields: tuple[tuple[bytes, bytes], ...] | None = None  # the header tuple Upstream made
 
 
-_exchanges: "weakref.WeakKeyDictionary[http.HTTPFlow, Exchange]" = weakref.WeakKeyDictionary()
+EXCHANGE_ATTRIBUTE = "_outpost_exchange"  # a plain attribute: each step asks for it, a weak-key lookup cost 0.4 µs
 
 
 def begin(flow: http.HTTPFlow, path: str, query: str) -> Exchange:
-    exchange = _exchanges[flow] = Exchange(path=path, query=query)
+    exchange = Exchange(path=path, query=query)
+    setattr(flow, EXCHANGE_ATTRIBUTE, exchange)
     flow.metadata[METADATA_KEY] = {}
     return exchange
 
 
 def exchange_of(flow: http.HTTPFlow) -> Exchange | None:
-    return _exchanges.get(flow)
+    return getattr(flow, EXCHANGE_ATTRIBUTE, None)
 
 
 def undecided(flow: http.HTTPFlow) -> Exchange | None:
     """The exchange of a request that has a provider and no answer yet: what each addon works on."""
-    exchange = _exchanges.get(flow)
+    exchange: Exchange | None = getattr(flow, EXCHANGE_ATTRIBUTE, None)
     if flow.response is not None or exchange is None or exchange.provider is None or exchange.deferred:
         return None
     return exchange
@@ -101,7 +102,7 @@ def undecided(flow: http.HTTPFlow) -> Exchange | None:
 
 def embedded_undecided(flow: http.HTTPFlow) -> Exchange | None:
     """The exchange of a request bound for the authentik server (embedded mode), not yet answered."""
-    exchange = _exchanges.get(flow)
+    exchange: Exchange | None = getattr(flow, EXCHANGE_ATTRIBUTE, None)
     if flow.response is not None or exchange is None or exchange.embedded is None:
         return None
     return exchange

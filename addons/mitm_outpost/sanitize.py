@@ -9,7 +9,8 @@ client's `Connection` and every field it names (so a next hop that honours `Conn
 never delete the identity the outpost adds), `Keep-Alive`, `Proxy-Connection`, `TE`,
 `Trailer`, and `Upgrade` unless the request is a WebSocket handshake. Any other upgrade
 (h2c, say) would turn the connection into a tunnel that no check sees. This runs before any
-decision, and Upstream applies `forwardable()` again as the last gate.
+decision, and Upstream applies `forwardable()` again as the last gate. A forward-auth check
+is answered by the outpost and its fields go nowhere: only the outpost's cookies are taken from it.
 """
 
 from mitmproxy import http
@@ -72,6 +73,11 @@ class Sanitize:
         if exchange is None:
             return
         fields = flow.request.headers.fields
+        if exchange.forward is not None:  # a forward-auth check: answered here, its fields travel nowhere
+            for name, value in fields:
+                if _COOKIE_PREFIX in value and name.lower() == b"cookie":
+                    self._take_cookies(value, exchange)
+            return
         forward = forwardable(flow.request)
         kept = []
         for name, value in forward:

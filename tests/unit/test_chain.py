@@ -366,3 +366,15 @@ def test_client_strings_in_log_lines_cannot_forge_a_line() -> None:
     assert (decision.printable("a\r\nFAKE\x00\x1b[31m\x7f\x85\u2028\udcff ok")
             == "a\\x0d\\x0aFAKE\\x00\\x1b[31m\\x7f\\x85\\u2028\\udcff ok")
     assert decision.printable("x" * 300) == "x" * 200 and decision.without_query("/a?token=1#f") == "/a"
+
+
+async def test_the_exchange_never_travels_with_the_flows_state() -> None:
+    """Cookie values and the session stay out of what mitmproxy saves, shows and copies."""
+    registry = Registry()
+    registry.replace("test", (make_provider(),))
+    cookie = await logged_in(registry)
+    f = await run(registry, flow("/", headers={"Cookie": cookie}))
+    exchange = decision.exchange_of(f)
+    assert exchange is not None and exchange.session_cookie and exchange.session is not None
+    assert exchange.session_cookie not in repr(f.get_state())
+    assert decision.exchange_of(f.copy()) is None

@@ -1,10 +1,13 @@
 """The fast lane's shortcuts answer exactly as the mitmproxy parts they stand in for."""
 
+import uuid
+
 import pytest
 from mitmproxy import http
+from mitmproxy.test import tflow
 
 from mitm_outpost import forwarded
-from mitm_outpost.lane_connection import IndexedHeaders, make_request
+from mitm_outpost.lane_connection import IndexedHeaders, make_flow, make_request
 
 FIELDS = ((b"Host", b"app.example.test"), (b"X-Original-URL", b"http://app.example.test/a?b=1"),
           (b"cookie", b"a=1"), (b"Cookie", b"b=2"), (b"Accept", b"*/*"), (b"X-Caf\xc3\xa9", b"cr\xe8me"),
@@ -57,3 +60,20 @@ def test_long_urls_are_judged_each_time_and_never_kept() -> None:
     assert forwarded._remembered_original_url.cache_info().currsize == 0
     forwarded.parse_original_url("http://app.example.test/short")
     assert forwarded._remembered_original_url.cache_info().currsize == 1
+
+
+def test_a_lane_flow_is_what_mitmproxy_makes() -> None:
+    client, server = tflow.tclient_conn(), tflow.tserver_conn()
+    ours, theirs = make_flow(client, server), http.HTTPFlow(client, server, live=True)
+    mine, other = vars(ours), vars(theirs)
+    assert mine.keys() == other.keys()
+    assert {k: v for k, v in mine.items() if k not in ("id", "timestamp_created")} \
+        == {k: v for k, v in other.items() if k not in ("id", "timestamp_created")}
+    assert ours.metadata is not make_flow(client, server).metadata
+
+
+def test_lane_flow_ids_are_unique_uuids() -> None:
+    client, server = tflow.tclient_conn(), tflow.tserver_conn()
+    ids = [make_flow(client, server).id for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    assert all(str(uuid.UUID(i)) == i for i in ids)
