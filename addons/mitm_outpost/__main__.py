@@ -3,8 +3,9 @@
 The same options, configuration and chain as `mitmdump -s addons/outpost.py`, on a mitmproxy
 Master that loads only what an outpost needs (proxy server, next layer, TLS, error check)
 instead of mitmdump's ~35 default addons, each of which is called for every event of every
-request. Logs go to stderr, one line each. The event loop is uvloop's (`--loop asyncio` for
-the standard library's): the loop's own work is a third of a forward-auth check's CPU on asyncio's.
+request, and dispatches events from a table of handlers (lean_master.py). Logs go to stderr,
+one line each. The event loop is uvloop's (`--loop asyncio` for the standard library's): the
+loop's own work is a third of a forward-auth check's CPU on asyncio's.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from mitmproxy.addons import errorcheck, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
 from . import __version__, chain, supervisor, workers
+from .lean_master import HookTable, drop_message_type_checks
 
 
 class UvLoop(uvloop.Loop):  # type: ignore[misc]
@@ -61,6 +63,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
 async def run(args: argparse.Namespace) -> int:
     opts = options.Options()
     master = Master(opts)
+    master.addons = HookTable(master)  # before any addon: one table of handlers per event (lean_master.py)
+    drop_message_type_checks()
     check = errorcheck.ErrorCheck(repeat_errors_on_stderr=True)
     outpost = chain.build(interactive=False, fast_lane=True)
     # mitmdump's order: the outpost's tls_start_server sees a server connection before TlsConfig.
