@@ -24,6 +24,7 @@ class AccessLog:
         # mitmdump and mitmweb show every flow themselves (and pass each log line to all their
         # addons, which costs more than the line): there, `auto` is off; in the lean runner, json.
         self.auto = "off" if interactive else "json"
+        self.style = self.auto  # the option's value, "auto" resolved (configure)
 
     def load(self, loader: Loader) -> None:
         loader.add_option("outpost_access_log", str, "auto",
@@ -36,6 +37,9 @@ class AccessLog:
         if "outpost_access_log" in updated and ctx.options.outpost_access_log not in FORMATS:
             raise exceptions.OptionsError(f"outpost_access_log: one of {', '.join(FORMATS)}, not "
                                           f"{ctx.options.outpost_access_log!r}")
+        if "outpost_access_log" in updated:
+            style = ctx.options.outpost_access_log
+            self.style = self.auto if style == "auto" else style
 
     def response(self, flow: http.HTTPFlow) -> None:
         self.write(flow, flow.response.status_code if flow.response else 0)
@@ -48,9 +52,7 @@ class AccessLog:
             self.write(flow, 499 if flow.error and flow.error.msg == CLIENT_GONE else 502)
 
     def write(self, flow: http.HTTPFlow, status: int, incomplete: bool = False) -> None:
-        style = ctx.options.outpost_access_log
-        if style == "auto":
-            style = self.auto
+        style = self.style
         if style == "off":
             return
         record = flow.metadata.get(METADATA_KEY) or {}

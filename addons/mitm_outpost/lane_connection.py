@@ -129,6 +129,23 @@ def make_flow(client: connection.Client, server: connection.Server) -> http.HTTP
     return flow
 
 
+_heads: dict[tuple[Any, ...], bytes] = {}
+HEAD_MEMO_SIZE = 4096  # answer heads kept; a check's carries its user's identity headers
+
+
+def response_head(response: http.Response) -> bytes:
+    """`http1.assemble_response_head`, remembered: a signed-in user's checks get the same answer again and again."""
+    data = response.data
+    key = (data.http_version, data.status_code, data.reason, data.headers.fields)
+    head = _heads.get(key)
+    if head is None:
+        head = http1.assemble_response_head(response)  # as mitmproxy's HTTP/1 server writes it
+        if len(_heads) >= HEAD_MEMO_SIZE:
+            _heads.clear()
+        _heads[key] = head
+    return head
+
+
 class Connection(asyncio.Protocol):
     """One client connection on the fast lane, until it closes or is handed to mitmproxy."""
 
@@ -264,7 +281,8 @@ class Connection(asyncio.Protocol):
         keep_alive = not http1.connection_close(request.data.http_version, request.headers)  # mitmproxy's rule
         flow = make_flow(self.client, self.lane.server_placeholder())
         flow.request = request
-        task = asyncio.ensure_future(self.lane.answer(flow))  # eager: done at once unless a step waits (IdP, Redis)
+        # Eager: done at once unless a step waits (IdP, Redis); made directly, not through the loop's task factory.
+        task = asyncio.Task(self.lane.answer(flow), loop=asyncio.get_running_loop(), eager_start=True)
         if task.done():
             self.answered(flow, keep_alive, task)
             return not self.closing
@@ -287,7 +305,7 @@ class Connection(asyncio.Protocol):
         if self.closing:
             return
         response = flow.response
-        head = http1.assemble_response_head(response)  # as mitmproxy's HTTP/1 server writes it
+        head = response_head(response)
         # The outpost's own answers are never chunked: the body follows as it is, but never after HEAD.
         self.transport.write(head if flow.request.method == "HEAD" or not response.data.content
                              else head + response.data.content)

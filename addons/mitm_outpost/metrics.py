@@ -6,7 +6,7 @@ flows and never walk the addon chain. Label values come from configuration only.
 A worker of `--workers N` binds no metrics port: the supervisor serves one for all workers
 (`serve`, here) from their multiprocess files, and /ping there needs every worker ready. So a
 worker writes its gauges that are read rather than counted (sessions, readiness) every
-`REFRESH` seconds.
+`REFRESH` seconds, and hands its request counts (prometheus_metrics.TALLY) to its file as often.
 """
 
 import asyncio
@@ -32,6 +32,7 @@ from .prometheus_metrics import (
     REQUESTS,
     ROUTES,
     SESSIONS,
+    TALLY,
     UPSTREAM,
     WORKER_READY,
 )
@@ -115,11 +116,11 @@ class Metrics:
         code = record.get("code", "")
         kind = "ping" if code in names.HEALTH else "app"
         host = self.hosts.get(provider_name, "")
-        self.child(REQUESTS, name, method, host, kind).observe(end - flow.request.data.timestamp_start)
+        TALLY.observe(self.child(REQUESTS, name, method, host, kind), end - flow.request.data.timestamp_start)
         if route := record.get("route"):
-            self.child(ROUTES, route).inc()
+            TALLY.inc(self.child(ROUTES, route))
         if provider is not None:
-            self.child(DECISIONS, provider.name, outcome).inc()
+            TALLY.inc(self.child(DECISIONS, provider.name, outcome))
             if code == "signed_in":
                 LOGINS.labels(provider.name).inc()
             elif record.get("endpoint") == names.CALLBACK and outcome == "denied":
@@ -127,8 +128,8 @@ class Metrics:
             upstream = provider.backend  # None in the forward-auth modes: a check the outpost answered went nowhere
             if (upstream is not None and outcome in ("allowed", "skipped") and response and response.timestamp_start
                     and flow.request.timestamp_end):
-                self.child(UPSTREAM, name, method, upstream.scheme, host, upstream.host_header).observe(
-                    response.timestamp_start - flow.request.timestamp_end)
+                TALLY.observe(self.child(UPSTREAM, name, method, upstream.scheme, host, upstream.host_header),
+                              response.timestamp_start - flow.request.timestamp_end)
 
     async def running(self) -> None:
         if workers.is_worker():
@@ -138,6 +139,7 @@ class Metrics:
                                       lambda: generate_latest(PROMETHEUS), self.registry.is_ready)
 
     def done(self) -> None:
+        TALLY.flush()  # a worker's last counts reach its file
         if self.server is not None:
             self.server.close()
         if self.refresher is not None:
@@ -147,6 +149,7 @@ class Metrics:
         """A first report after one period: by then every addon's `running` (the listeners) is done."""
         while True:
             await asyncio.sleep(REFRESH)
+            TALLY.flush()
             SESSIONS.set(self.registry.store.count())
             WORKER_READY.set(1 if self.registry.is_ready() else 0)
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from mitm_outpost import names
+from mitm_outpost import metrics, names
 from mitm_outpost.testing.login import browser
 from mitm_outpost.testing.login import sign_in_to_callback as mock_login
 from mitm_outpost.testing.processes import free_port
@@ -150,8 +150,14 @@ def test_the_metrics_port_counts_every_worker_and_ping_answers_for_all(workers: 
         fresh(f"{workers.url}/headers", cookies)
     served = workers.served()
     allowed = [pid for pid, record in served if record["decision"] == "allowed"]
-    samples = scrape(workers.metrics_port)
-    decisions = {labels["outcome"]: value for labels, value in samples["mitm_outpost_decisions_total"]}
+    # A worker hands its request counts to its metrics file every REFRESH seconds (prometheus_metrics.Tally).
+    deadline = time.monotonic() + 2 * metrics.REFRESH + 1
+    while True:
+        samples = scrape(workers.metrics_port)
+        decisions = {labels["outcome"]: value for labels, value in samples["mitm_outpost_decisions_total"]}
+        if decisions.get("allowed") == len(allowed) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert decisions["allowed"] == len(allowed) and set(allowed) == set(workers.pids().values())
     assert sum(value for _, value in samples["mitm_outpost_logins_total"]) == sum(
         record["code"] == "signed_in" for _, record in served)

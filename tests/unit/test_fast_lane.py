@@ -4,10 +4,11 @@ import uuid
 
 import pytest
 from mitmproxy import http
+from mitmproxy.net.http import http1
 from mitmproxy.test import tflow
 
-from mitm_outpost import forwarded
-from mitm_outpost.lane_connection import IndexedHeaders, make_flow, make_request
+from mitm_outpost import forwarded, pages
+from mitm_outpost.lane_connection import IndexedHeaders, make_flow, make_request, response_head
 
 FIELDS = ((b"Host", b"app.example.test"), (b"X-Original-URL", b"http://app.example.test/a?b=1"),
           (b"cookie", b"a=1"), (b"Cookie", b"b=2"), (b"Accept", b"*/*"), (b"X-Caf\xc3\xa9", b"cr\xe8me"),
@@ -77,3 +78,14 @@ def test_lane_flow_ids_are_unique_uuids() -> None:
     ids = [make_flow(client, server).id for _ in range(1000)]
     assert len(set(ids)) == len(ids)
     assert all(str(uuid.UUID(i)) == i for i in ids)
+
+
+def test_a_remembered_answer_head_is_the_assembled_one() -> None:
+    heads = []
+    for status, extra in ((200, ((b"X-authentik-username", b"alice"),)), (200, ((b"X-authentik-username", b"bob"),)),
+                          (401, ()), (200, ((b"X-authentik-username", b"alice"),))):
+        response = pages.empty(status)
+        response.headers.fields += extra
+        heads.append(response_head(response))
+        assert heads[-1] == http1.assemble_response_head(response)
+    assert heads[0] == heads[3] and len(set(heads)) == 3

@@ -228,3 +228,27 @@ async def _get(port: int, path: str) -> tuple[bytes, bytes]:
 def _session(provider: str) -> Session:
     headers = user_headers({"sub": "u2", "preferred_username": "bob"}, "tok", True)
     return Session.of(provider=provider, sub="u2", headers=headers, expires_at=time.time() + 60)
+
+
+def test_a_tally_adds_up_to_what_direct_updates_give() -> None:
+    """Observations and counts through a Tally, flushed by a collection, expose what prometheus-client's own
+    observe() and inc() give, bucket by bucket (bounds included: 0.005 falls in le=0.005)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from mitm_outpost.prometheus_metrics import Tally
+
+    amounts = (0.0, 0.004, 0.005, 0.0051, 0.3, 2.5, 10.0, 11.0, 1e9)
+    exposed = []
+    for tallied in (False, True):
+        reg, tally = CollectorRegistry(), Tally()
+        if tallied:
+            reg.register(tally)
+        hist = Histogram("h_seconds", "h", ("a",), registry=reg).labels("x")
+        count = Counter("c", "c", ("a",), registry=reg).labels("x")
+        for amount in amounts:
+            tally.observe(hist, amount) if tallied else hist.observe(amount)
+            tally.inc(count) if tallied else count.inc()
+        exposed.append("\n".join(line for line in generate_latest(reg).decode().splitlines()
+                                  if "_created" not in line))  # when each was made
+    assert exposed[0] == exposed[1]
+    assert 'h_seconds_bucket{a="x",le="0.005"} 3.0' in exposed[1] and 'c_total{a="x"} 9.0' in exposed[1]
