@@ -10,6 +10,8 @@ failing open), and a step that fails denies (see Chain).
 
 import logging
 import urllib.parse
+from collections.abc import Coroutine
+from typing import Any
 
 from mitmproxy import http
 
@@ -56,38 +58,59 @@ def facts_of(flow: http.HTTPFlow, exchange: Exchange) -> Facts:
         credential = Credential.HEADER if exchange.by_header else Credential.SESSION
     else:
         credential = Credential.HEADER_FAILED if exchange.header_auth_failed else Credential.NONE
-    common = {"mode": provider.mode, "credential": credential, "intercept_header_auth": provider.intercept_header_auth}
     if exchange.forward is None:
         normal = exchange.normal_path
-        return Facts(check=None, rule_match=normal is not None and provider.is_skipped(normal),
+        return Facts(provider.mode, None, credential, normal is not None and provider.is_skipped(normal),
                      path_normal=normal is None or normal == exchange.path, browser=wants_login_page(flow.request),
-                     backend_valid=session is None or not session.backend_error, **common)
+                     intercept_header_auth=provider.intercept_header_auth,
+                     backend_valid=session is None or not session.backend_error)
     kind, original = exchange.forward
-    target = original.origin_url if provider.mode is Mode.FORWARD_DOMAIN else (original.path or "")
     # Where a login would return to matters only without a credential: not worth a URL parse per signed-in check.
     needs_return = credential in (Credential.NONE, Credential.HEADER_FAILED)
-    return Facts(check=kind, rule_match=original.normal and provider.is_skipped(target),
+    return Facts(provider.mode, kind, credential,
+                 original.normal and provider.is_skipped(
+                     original.origin_url if provider.mode is Mode.FORWARD_DOMAIN else (original.path or "")),
+                 intercept_header_auth=provider.intercept_header_auth,
                  return_url_known=not needs_return
-                 or bool(original.url) and provider.safe_redirect(original.url) is not None,
-                 **common)
+                 or bool(original.url) and provider.safe_redirect(original.url) is not None)
+
+
+def add_cookies(flow: http.HTTPFlow, exchange: Exchange) -> None:
+    """The cookies earlier steps asked for (a cleared stale session cookie, say), on the answer."""
+    if flow.response is not None:
+        for cookie in exchange.set_cookies:
+            flow.response.headers.add("Set-Cookie", cookie)
 
 
 class Gate:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """Decides at once; only a check that begins a login waits (for the store), as a coroutine."""
         exchange = undecided(flow)
         if exchange is None:
-            return
+            return None
         exchange.verdict = decision = verdict(facts_of(flow, exchange))
-        if exchange.forward is not None:
-            await self.answer_check(flow, exchange, decision)
-        else:
+        if exchange.forward is None:
             self.answer_request(flow, exchange, decision)
-        if flow.response is not None:
-            for cookie in exchange.set_cookies:
-                flow.response.headers.add("Set-Cookie", cookie)
+        elif decision.action is Action.LOGIN:
+            return self.login_for_check(flow, exchange, decision)
+        else:
+            self.answer_check(flow, exchange, decision)
+        add_cookies(flow, exchange)
+        return None
+
+    async def login_for_check(self, flow: http.HTTPFlow, exchange: Exchange, decision: Verdict) -> None:
+        provider = exchange.provider
+        assert provider is not None and exchange.forward is not None
+        kind, original = exchange.forward
+        redirect = provider.safe_redirect(original.url)
+        assert redirect is not None
+        flow.response = await begin_login(self.registry, exchange, provider, redirect)
+        decide(flow, OUTCOMES[decision.action], decision.reason,
+               f"{kind.value} check: no session: sent to the identity provider, back to {original.path}")
+        add_cookies(flow, exchange)
 
     def answer_request(self, flow: http.HTTPFlow, exchange: Exchange, decision: Verdict) -> None:
         provider = exchange.provider
@@ -118,7 +141,7 @@ class Gate:
         level = logging.WARNING if decision.reason is Reason.BACKEND_INVALID else logging.DEBUG
         decide(flow, OUTCOMES[decision.action], decision.reason, text, level)
 
-    async def answer_check(self, flow: http.HTTPFlow, exchange: Exchange, decision: Verdict) -> None:
+    def answer_check(self, flow: http.HTTPFlow, exchange: Exchange, decision: Verdict) -> None:
         provider = exchange.provider
         assert provider is not None and exchange.forward is not None
         kind, original = exchange.forward
@@ -132,12 +155,7 @@ class Gate:
             flow.response = pages.empty(200)
             flow.response.headers.fields += EMPTY_IDENTITY
             text = f"{kind.value} check: {original.path} {TEXTS[decision.reason]}"
-        elif decision.action is Action.LOGIN:
-            redirect = provider.safe_redirect(original.url)
-            assert redirect is not None
-            flow.response = await begin_login(self.registry, exchange, provider, redirect)
-            text = f"{kind.value} check: no session: sent to the identity provider, back to {original.path}"
-        else:
+        else:  # a login is login_for_check's
             flow.response = self.refusal(decision, provider.www_authenticate)
             text = f"{kind.value} check: {TEXTS[decision.reason]}"
         decide(flow, OUTCOMES[decision.action], decision.reason, text)

@@ -33,7 +33,7 @@ def redirect(location: str, status: int = 302) -> http.Response:
     return http.Response.make(status, b"", {"Location": location, **NO_STORE})
 
 
-_EMPTY: dict[int, http.Response] = {}
+_EMPTY: dict[int, dict[str, Any]] = {}  # status -> the fields of its empty answer's data
 D = TypeVar("D", http.RequestData, http.ResponseData)
 
 
@@ -50,14 +50,18 @@ def empty(status: int) -> http.Response:
     """An empty answer (ping, forward-auth verdicts: the hottest responses the outpost writes),
     copied from a prototype."""
     prototype = _EMPTY.get(status)
+    # The prototype: a copy of the data's attributes (the live __dict__ of a discarded object did not stay put).
     if prototype is None:
-        prototype = _EMPTY[status] = http.Response.make(status, b"", NO_STORE)
+        prototype = _EMPTY[status] = dict(vars(http.Response.make(status, b"", NO_STORE).data))
     headers = object.__new__(http.Headers)
-    headers.fields = prototype.data.headers.fields  # a tuple: every change to the headers assigns a new one
-    now = time.time()
+    headers.fields = prototype["headers"].fields  # a tuple: every change to the headers assigns a new one
+    data = object.__new__(http.ResponseData)
+    fields = data.__dict__
+    fields.update(prototype)
+    fields["headers"] = headers
+    fields["timestamp_start"] = fields["timestamp_end"] = time.time()
     response = object.__new__(http.Response)
-    response.data = unchecked(http.ResponseData, **{**prototype.data.__dict__, "headers": headers,
-                                                    "timestamp_start": now, "timestamp_end": now})
+    response.data = data
     return response
 
 

@@ -5,8 +5,7 @@ import ipaddress
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import exceptions
 
@@ -91,6 +90,7 @@ class Registry:
     authentik_release: str = AUTHENTIK_RELEASE  # what the outpost reports to authentik (outpost_authentik_version)
     outpost_uuid: str = ""  # the authentik outpost instance's pk, when providers come from authentik
     on_change: list[Callable[[], None]] = field(default_factory=list)  # run after every swap
+    _trust: tuple[tuple[Any, ...], dict[str, bool]] = field(default_factory=lambda: ((), {}), repr=False)
 
     # The current set's parts, for readers that need one of them.
     outpost_name = property(lambda self: self.current.outpost_name)
@@ -103,7 +103,16 @@ class Registry:
         return self.current.provider_for(host, hostname)
 
     def is_trusted(self, peer: str) -> bool:
-        return _in_networks(peer, self.trusted_networks)
+        """Judged once per peer and set of networks: a reverse proxy asks from a few addresses, again and again."""
+        networks, verdicts = self._trust
+        if networks is not self.trusted_networks:  # a new set (configure assigns a new tuple): judged afresh
+            networks, verdicts = self._trust = (self.trusted_networks, {})
+        found = verdicts.get(peer)
+        if found is None:
+            found = _in_networks(peer, networks)
+            if len(verdicts) < 4096:  # beyond, an address is judged each time, not kept
+                verdicts[peer] = found
+        return found
 
     def is_ready(self) -> bool:
         """Readiness, the one rule both `/ping` answers use: providers loaded and the store up."""
@@ -143,7 +152,6 @@ def loop_running() -> bool:
     return True
 
 
-@lru_cache(maxsize=4096)
 def _in_networks(peer: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     try:
         address = ipaddress.ip_address(peer)

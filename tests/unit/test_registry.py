@@ -8,7 +8,7 @@ import pytest
 
 from mitm_outpost.config_schema import ConfigError
 from mitm_outpost.redis_store import RedisStore
-from mitm_outpost.registry import ProviderSet, Registry
+from mitm_outpost.registry import ProviderSet, Registry, parse_networks
 from mitm_outpost.sessions import MemoryStore
 from tests.support.redis_server import RedisServer
 from tests.unit.conftest import make_provider
@@ -56,3 +56,14 @@ async def test_a_new_store_is_started_before_and_the_old_one_stopped_after_the_s
     registry.install(ProviderSet(), memory)
     await asyncio.sleep(0.1)
     assert registry.store is memory and all(task.done() for task in tasks)
+
+
+def test_trust_is_judged_again_when_the_networks_change() -> None:
+    registry = Registry()
+    assert not registry.is_trusted("10.0.0.7")
+    registry.trusted_networks = parse_networks(["10.0.0.0/8", "::1/128"])
+    assert registry.is_trusted("10.0.0.7") and registry.is_trusted("10.0.0.7")  # the second from the memo
+    assert registry.is_trusted("::ffff:10.0.0.7") and registry.is_trusted("::1")
+    assert not registry.is_trusted("192.0.2.1") and not registry.is_trusted("not an address")
+    registry.trusted_networks = parse_networks(["192.0.2.0/24"])
+    assert not registry.is_trusted("10.0.0.7") and registry.is_trusted("192.0.2.1")
