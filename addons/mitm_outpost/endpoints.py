@@ -17,6 +17,8 @@ sign_out POST is answered from its head, its body never read (the edge discards 
 
 import logging
 import urllib.parse
+from collections.abc import Coroutine
+from typing import Any
 
 import ada_url
 from cachetools import TTLCache
@@ -104,16 +106,23 @@ class Endpoints:
         self.registry = registry
         self.seen_logout_tokens: TTLCache[str, bool] = TTLCache(maxsize=100_000, ttl=3600)  # jti replay guard
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """A coroutine only for a request to one of the endpoints: nearly every request is not."""
         exchange = undecided(flow)
         if exchange is None:
-            return
+            return None
         check = exchange.forward
         query = check[1].query if check else exchange.query
         marked = marker(query)
         endpoint = marked[1] if marked else (ENDPOINT_PATHS.get(exchange.path) if check is None else None)
         if endpoint is None:
-            return
+            return None
+        return self.answer(flow, exchange, endpoint, marked)
+
+    async def answer(self, flow: http.HTTPFlow, exchange: Exchange, endpoint: str,
+                     marked: tuple[str, str] | None) -> None:
+        check = exchange.forward
+        query = check[1].query if check else exchange.query
         note(flow, endpoint=endpoint)
         if marked:
             note(flow, marker=marked[0])

@@ -26,6 +26,7 @@ import ipaddress
 import logging
 import math
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from . import pages
-from .decision import Outcome, decide, note, undecided
+from .decision import Exchange, Outcome, decide, note, undecided
 from .identity import build_session
 from .oidc import IdPUnavailable, TokenError
 from .provider import Provider
@@ -199,15 +200,19 @@ class HeaderAuth:
             )
         return guard
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """A coroutine only for a request that carries Bearer or Basic credentials: most carry none."""
         exchange = undecided(flow)
         if exchange is None or exchange.session is not None:
-            return
+            return None
         authorization = flow.request.headers.get("Authorization", "")
         scheme = authorization.partition(" ")[0].lower()
         if scheme not in ("bearer", "basic"):
-            return
+            return None
         del flow.request.headers["Authorization"]
+        return self.take_credentials(flow, exchange, scheme, authorization)
+
+    async def take_credentials(self, flow: http.HTTPFlow, exchange: Exchange, scheme: str, authorization: str) -> None:
         provider = exchange.provider
         assert provider is not None
         try:

@@ -26,7 +26,9 @@ from . import names
 from .edge_rules import TOKEN
 from .sessions import (
     LOGIN_TTL,
+    NOT_CACHED,
     LoginRefused,
+    NotCached,
     PendingLogin,
     Session,
     StoreUnavailable,
@@ -259,11 +261,16 @@ class RedisStore:
                 logger.warning("redis: invalidation channel lost (%s); retrying", e)
                 await asyncio.sleep(1)
 
+    def cached(self, provider: str, session_id: str) -> Session | None | NotCached:
+        session = self.local.get(session_key(provider, storage_key(session_id)))
+        if session is None:
+            return NOT_CACHED
+        return session if session.expires_at > time.time() else None
+
     async def get(self, provider: str, session_id: str) -> Session | None:
+        if not isinstance(found := self.cached(provider, session_id), NotCached):
+            return found
         key = session_key(provider, storage_key(session_id))
-        session = self.local.get(key)
-        if session is not None:
-            return session if session.expires_at > time.time() else None
         raw = await self._call(self.client.get(key))
         if raw is None:
             return None

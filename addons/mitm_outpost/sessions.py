@@ -127,8 +127,19 @@ class StoreUnavailable(Exception):
     """The store cannot answer (Redis down or slow): requests fail closed with 503."""
 
 
+class NotCached:
+    """What `SessionStore.cached` answers when only `get` (with I/O) can tell."""
+
+
+NOT_CACHED = NotCached()
+
+
 class SessionStore(Protocol):
     async def get(self, provider: str, session_id: str) -> Session | None: ...
+    def cached(self, provider: str, session_id: str) -> Session | None | NotCached:
+        """`get`'s answer when it needs no I/O (a memory store; Redis' local cache), else NOT_CACHED: most
+        requests then need no coroutine of their own."""
+        ...
     async def put(self, session_id: str, session: Session) -> None: ...
     async def delete(self, provider: str, session_id: str) -> None: ...
     async def delete_user(self, provider: str, sub: str) -> int: ...
@@ -237,6 +248,9 @@ class MemoryStore:
         self._logins: TTLCache[str, PendingLogin] = TTLCache(maxsize=max_logins, ttl=LOGIN_TTL)
 
     async def get(self, provider: str, session_id: str) -> Session | None:
+        return self.cached(provider, session_id)
+
+    def cached(self, provider: str, session_id: str) -> Session | None:
         session = self._sessions.get(storage_key(session_id))
         return session if session is not None and session.provider == provider else None
 

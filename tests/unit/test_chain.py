@@ -249,8 +249,12 @@ async def test_forward_auth_failure_is_never_2xx(forward_registry: Registry, mon
     async def store_down(*args: object) -> None:
         raise RuntimeError("store down")
 
+    def cache_down(*args: object) -> None:
+        raise RuntimeError("store down")
+
     cookie = f"{forward_registry.providers[1].cookie_name}=sid"
     monkeypatch.setattr(forward_registry.store, "get", store_down)
+    monkeypatch.setattr(forward_registry.store, "cached", cache_down)
     f = await run(forward_registry, traefik_check("a.corp.test", "/x", Cookie=cookie))
     assert f.response.status_code == 503 and f.metadata["outpost"]["outcome"] == "denied"
 

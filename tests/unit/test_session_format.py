@@ -14,7 +14,7 @@ import pytest
 
 from mitm_outpost import names
 from mitm_outpost.redis_store import FORMAT_VERSION, NAME_TABLES, RedisStore, Unreadable, decode, encode, session_key
-from mitm_outpost.sessions import Session, storage_key
+from mitm_outpost.sessions import NOT_CACHED, Session, storage_key
 
 # Written by redis_store.encode before the format had a version (commit 2675736), from a login with
 # authentik-like claims, legacy headers on and one additional header. Never regenerate it.
@@ -144,6 +144,14 @@ async def test_the_store_counts_what_it_cannot_read_as_signed_out(monkeypatch: p
     session = expected()
     secrets = (session.id_token, session.header(names.JWT.encode()), session.sub, "zmuller", "the-cookie-value")
     assert not any(secret and secret in caplog.text for secret in secrets)
+    assert store.cached("grafana", "the-cookie-value") is NOT_CACHED  # unreadable values are never cached
     held[key] = STORED.encode()
     assert await store.get("grafana", "the-cookie-value") == session
+    assert store.cached("grafana", "the-cookie-value") == session  # from the local cache, no GET
+    del held[key]
+    assert await store.get("grafana", "the-cookie-value") == session
+    assert store.cached("other-provider", "the-cookie-value") is NOT_CACHED
+    store.local[key] = Session.of(provider="grafana", sub="gone", expires_at=1.0)
+    assert store.cached("grafana", "the-cookie-value") is None  # expired
+    assert await store.get("grafana", "the-cookie-value") is None
     await store.client.aclose()
