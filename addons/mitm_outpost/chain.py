@@ -19,7 +19,7 @@ decision (responses, errors: records and metrics) keep mitmproxy's rule, but for
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from mitmproxy import exceptions, hooks, http, tls
@@ -115,21 +115,47 @@ class Chain:
     def done(self) -> None:
         self._call("done")
 
-    async def _decide(self, name: str, flow: http.HTTPFlow) -> None:
-        """A request-path hook: the first step that raises answers the request, and the walk ends."""
-        for hook in self.hooks[name]:
+    def _walk(self, name: str, flow: http.HTTPFlow, start: int = 0) -> Coroutine[Any, Any, None] | None:
+        """A request-path hook: the first step that raises answers the request, and the walk ends. Steps
+        that answer at once are called at once; at the first that waits, the rest of the walk becomes
+        the coroutine returned (None: the walk is done), so a request no step waits for costs no coroutine."""
+        hooks = self.hooks[name]
+        for index in range(start, len(hooks)):
+            hook = hooks[index]
             try:
                 pending = hook(flow)
-                if pending is not None:
-                    await pending
             except exceptions.AddonHalt:
                 raise
             except Exception as e:
                 refuse_after_failure(flow, hook, e)
-                return
+                return None
+            if pending is not None:
+                return self._walk_on(name, flow, index, pending)
+        return None
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        await self._decide("requestheaders", flow)
+    async def _walk_on(self, name: str, flow: http.HTTPFlow, index: int, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        except exceptions.AddonHalt:
+            raise
+        except Exception as e:
+            refuse_after_failure(flow, self.hooks[name][index], e)
+            return
+        if (rest := self._walk(name, flow, index + 1)) is not None:
+            await rest
+
+    def requestheaders(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        if (pending := self._walk("requestheaders", flow)) is not None:
+            return self._requestheaders_after(flow, pending)
+        self._decided(flow)
+        return None
+
+    async def _requestheaders_after(self, flow: http.HTTPFlow, pending: Awaitable[None]) -> None:
+        await pending
+        self._decided(flow)
+
+    @staticmethod
+    def _decided(flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             # Answered by the outpost: no "100 Continue" first (the edge answers at once and discards
             # what is still coming).
@@ -139,8 +165,8 @@ class Chain:
         if flow.response is not None or exchange is None or not exchange.proxied:
             flow.request.stream = False  # mitmproxy streams a large body upstream unless told: only after a verdict
 
-    async def request(self, flow: http.HTTPFlow) -> None:
-        await self._decide("request", flow)
+    def request(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        return self._walk("request", flow)
 
     def next_layer(self, nextlayer: Any) -> None:
         self._call("next_layer", nextlayer)

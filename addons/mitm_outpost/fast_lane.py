@@ -24,7 +24,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from mitmproxy import connection, ctx, http
@@ -132,11 +132,23 @@ class FastLane:
     def server_placeholder(self) -> connection.Server:
         return self._server
 
-    async def answer(self, flow: http.HTTPFlow) -> None:
-        """The chain's request hooks, then its response hooks, as mitmproxy would call them."""
-        await self.chain.requestheaders(flow)
-        if flow.response is None:
-            await self.chain.request(flow)
+    def answer(self, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        """The chain's request hooks, then its response hooks, as mitmproxy would call them: at once while
+        no step waits (a signed-in check), else the coroutine that goes on from the step that does."""
+        if (pending := self.chain.requestheaders(flow)) is not None:
+            return self._answer_after(flow, pending, requested=False)
+        if flow.response is None and (pending := self.chain.request(flow)) is not None:
+            return self._answer_after(flow, pending, requested=True)
+        self._respond(flow)
+        return None
+
+    async def _answer_after(self, flow: http.HTTPFlow, pending: Coroutine[Any, Any, None], requested: bool) -> None:
+        await pending
+        if not requested and flow.response is None and (pending := self.chain.request(flow)) is not None:
+            await pending
+        self._respond(flow)
+
+    def _respond(self, flow: http.HTTPFlow) -> None:
         if flow.response is None:  # cannot happen for the paths above; if it does, nothing is proxied from here
             flow.response = pages.page(403, "Forbidden", "The outpost could not decide about this request.")
             decide(flow, Outcome.DENIED, "step_failed", "fast lane: no step answered an outpost endpoint",

@@ -281,8 +281,11 @@ class Connection(asyncio.Protocol):
         keep_alive = not http1.connection_close(request.data.http_version, request.headers)  # mitmproxy's rule
         flow = make_flow(self.client, self.lane.server_placeholder())
         flow.request = request
-        # Eager: done at once unless a step waits (IdP, Redis); made directly, not through the loop's task factory.
-        task = asyncio.Task(self.lane.answer(flow), loop=asyncio.get_running_loop(), eager_start=True)
+        if (pending := self.lane.answer(flow)) is None:  # no step waited: answered already, no task needed
+            self.answered(flow, keep_alive, None)
+            return not self.closing
+        # A step waits (IdP, Redis): the rest of the chain as a task, started at once.
+        task = asyncio.Task(pending, loop=asyncio.get_running_loop(), eager_start=True)
         if task.done():
             self.answered(flow, keep_alive, task)
             return not self.closing
@@ -293,11 +296,13 @@ class Connection(asyncio.Protocol):
         self.answered(flow, keep_alive, task)
         self.wake()
 
-    def answered(self, flow: http.HTTPFlow, keep_alive: bool, task: asyncio.Future[None]) -> None:
+    def answered(self, flow: http.HTTPFlow, keep_alive: bool, task: asyncio.Future[None] | None) -> None:
+        """`task`: the one that finished answering, None when the chain answered at once."""
         self.busy = False
         self.resume_reading()
-        if task.cancelled() or task.exception() is not None or flow.response is None or self.transport is None:
-            if not task.cancelled() and task.exception() is not None:
+        failed = task is not None and (task.cancelled() or task.exception() is not None)
+        if failed or flow.response is None or self.transport is None:
+            if task is not None and not task.cancelled() and task.exception() is not None:
                 logger.error("fast lane: answering failed (%s); the request is refused",
                              type(task.exception()).__name__)
             self.refuse(Refusal(403, "step_failed"))  # fail closed, as the chain does

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx2
 import pytest
@@ -20,8 +22,8 @@ EXTERNAL = "app.example.test:8800"
 
 
 class Replica(Outpost):
-    def __init__(self, entry: dict[str, object], redis_url: str, http_port: int | None = None) -> None:
-        super().__init__([entry], http_port or free_port())
+    def __init__(self, entry: dict[str, object], redis_url: str, http_port: int | None = None, **runner: Any) -> None:
+        super().__init__([entry], http_port or free_port(), **runner)
         doc = yaml.safe_load(self.config.read_text())
         doc["outpost"]["session_store"] = redis_url
         self.config.write_text(yaml.safe_dump(doc))
@@ -201,3 +203,35 @@ def test_back_channel_logout_from_a_certified_idp_ends_the_session_on_every_repl
             bad = httpx2.post(f"http://{external}/outpost.goauthentik.io/backchannel_logout",
                               data={"logout_token": "x.y.z"})
             assert bad.status_code == 400 and bad.json()["message"] == "invalid_request"
+
+
+def test_a_check_the_fast_lane_must_ask_redis_about_is_answered_and_the_connection_goes_on(idp: str) -> None:
+    """Replica 1 never saw the session: its lane waits for Redis's GET on the first check (the rest of the
+    chain goes on as a task) while the pipelined second check waits behind it; both are answered, in order."""
+    entry = {"name": "fwd", "mode": "forward_single", "external_host": f"http://{EXTERNAL}", "internal_host": "",
+             "issuer": idp, "client_id": "fwd", "client_secret": "fwd-secret"}
+    lean = {"tool": "lean", "extra": ("--set", "trusted_proxies=127.0.0.0/8")}
+    with RedisServer() as server, Replica(entry, server.url, **lean) as one, Replica(entry, server.url, **lean) as two:
+        cluster = Cluster(server, (one, two))
+        client = browser()
+        start = cluster.get(0, client, f"/outpost.goauthentik.io/start?rd=http://{EXTERNAL}/page")
+        assert start.status_code == 302, start.text
+        form = client.post(start.headers["location"], data={"sub": "alice"})
+        callback = urllib.parse.urlsplit(form.headers["location"])
+        assert cluster.get(0, client, f"{callback.path}?{callback.query}").status_code == 302
+        cookie = "; ".join(f"{name}={value}" for name, value in client.cookies.items())
+        check = (f"GET /outpost.goauthentik.io/auth/nginx HTTP/1.1\r\nHost: {EXTERNAL}\r\n"
+                 f"X-Original-URL: http://{EXTERNAL}/page\r\nCookie: {cookie}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", two.http_port), timeout=5) as conn:
+            conn.sendall(check + check)
+            answers = b""
+            while answers.count(b"HTTP/1.1 ") < 2 or not answers.endswith(b"\r\n\r\n"):
+                chunk = conn.recv(65536)
+                assert chunk, f"the connection closed after {answers!r}"
+                answers += chunk
+            conn.sendall(check)  # and the connection goes on, now from the local cache
+            third = conn.recv(65536)
+        heads = answers.split(b"HTTP/1.1 ")[1:]
+        for head in (*heads, third.removeprefix(b"HTTP/1.1 ")):
+            assert head.startswith(b"200 ") and b"X-authentik-username: alice\r\n" in head, head[:200]
+        assert '"lane": "fast"' in two.output or '"lane":"fast"' in two.output

@@ -1,6 +1,9 @@
 """Fail closed, step by step: an exception in any step of the real chain answers the request
 at once, and nothing after that step acts on it; the request never reaches the upstream."""
 
+import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 from mitmproxy import http
@@ -52,13 +55,20 @@ async def test_without_a_failure_the_same_request_goes_upstream(registry: Regist
 
 @pytest.mark.parametrize("path", ["/private", "/public/x"])  # a signed-in request, and one a rule would skip
 @pytest.mark.parametrize("error, status", [(RuntimeError("bug"), None), (StoreUnavailable("down"), 503)])
+@pytest.mark.parametrize("waits", [False, True], ids=["at once", "after waiting"])
 @pytest.mark.parametrize("step, hook", REQUEST_STEPS, ids=[f"{cls.__name__}.{h}" for cls, h in REQUEST_STEPS])
 async def test_a_failing_step_answers_and_nothing_goes_upstream(registry: Registry, monkeypatch: pytest.MonkeyPatch,
                                                                 step: type, hook: str, error: Exception,
-                                                                status: int | None, path: str) -> None:
+                                                                status: int | None, path: str, waits: bool) -> None:
     later: list[str] = []
 
-    def broken(self: object, flow: http.HTTPFlow) -> None:
+    async def fail_later() -> None:
+        await asyncio.sleep(0)  # the chain goes on from a step that waited (Chain._walk)
+        raise error
+
+    def broken(self: object, flow: http.HTTPFlow) -> Coroutine[Any, Any, None] | None:
+        if waits:
+            return fail_later()
         raise error
 
     def recorder(name: str):  # type: ignore[no-untyped-def]
