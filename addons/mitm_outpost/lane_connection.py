@@ -312,7 +312,7 @@ class Connection(asyncio.Protocol):
         response = flow.response
         head = response_head(response)
         # The outpost's own answers are never chunked: the body follows as it is, but never after HEAD.
-        self.transport.write(head if flow.request.method == "HEAD" or not response.data.content
+        self.transport.write(head if flow.request.data.method.upper() == b"HEAD" or not response.data.content
                              else head + response.data.content)
         self.last_active = time.monotonic()
         if not keep_alive:
