@@ -12,7 +12,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from . import names
-from .decision import METADATA_KEY, printable
+from .decision import METADATA_KEY, exchange_of, printable
 
 access_logger = logging.getLogger("mitm_outpost.access")
 FORMATS = ("auto", "json", "text", "off")
@@ -58,13 +58,18 @@ class AccessLog:
         record = flow.metadata.get(METADATA_KEY) or {}
         request, response = flow.request, flow.response
         end = (response.timestamp_end if response and response.timestamp_end else None) or time.time()
+        exchange = exchange_of(flow)
+        if exchange is not None and exchange.forward is not None:
+            host = exchange.forward[1].host or None  # a check: the host of the request it asks about
+        elif record.get("outcome") in ("allowed", "skipped", "backend"):
+            host = request.headers.get(names.FORWARDED_HOST)  # as Upstream sent it
+        else:
+            host = request.host_header
         line = {
             "time": round(time.time(), 3),
             "provider": record.get("provider", ""),
             "method": request.method,
-            "host": request.headers.get(names.FORWARDED_HOST)
-            if record.get("outcome") in ("allowed", "skipped", "backend")
-            else request.host_header,
+            "host": host,
             "path": request.path.partition("?")[0][:2048],
             "status": status,
             "route": record.get("route", "outpost"),

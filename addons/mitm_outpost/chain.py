@@ -81,7 +81,7 @@ class Chain:
     def _call(self, name: str, *args: Any) -> None:
         for hook in self.hooks[name]:
             try:
-                hook(*args)
+                awaits_nothing(hook, hook(*args))
             except (exceptions.AddonHalt, exceptions.OptionsError):
                 raise  # e.g. a refused option change, as from any addon
             except Exception as e:
@@ -177,7 +177,7 @@ class Chain:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         for hook in self.hooks["responseheaders"]:
             try:
-                hook(flow)
+                awaits_nothing(hook, hook(flow))
             except Exception as e:
                 logger.error("addon error in %s (%s); the upstream's answer is replaced by a 502",
                              hook.__qualname__, where(e))
@@ -194,6 +194,15 @@ class Chain:
 
     def tls_start_server(self, tls_start: tls.TlsData) -> None:
         self._call("tls_start_server", tls_start)
+
+
+def awaits_nothing(hook: Hook, result: object) -> None:
+    """A hook the chain calls synchronously must be done when it returns: a coroutine it handed back would
+    never run (the class check in Chain sees `async def` only, not a plain function returning one)."""
+    if result is not None:
+        if inspect.iscoroutine(result):
+            result.close()
+        raise TypeError(f"{hook.__qualname__} returned {type(result).__name__}, but the chain awaits nothing here")
 
 
 def refuse_after_failure(flow: http.HTTPFlow, hook: Hook, error: Exception) -> None:

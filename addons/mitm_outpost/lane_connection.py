@@ -19,6 +19,7 @@ from mitmproxy import connection, http
 from mitmproxy.net.http import http1
 
 from . import pages
+from .decision import where
 from .edge_rules import HEADER_TIMEOUT, Refusal, framing_violation, head_violation, incomplete_head_violation
 from .endpoints import BACKCHANNEL_BODY_LIMIT
 from .forwarded import auth_kind
@@ -134,15 +135,17 @@ HEAD_MEMO_SIZE = 4096  # answer heads kept; a check's carries its user's identit
 
 
 def response_head(response: http.Response) -> bytes:
-    """`http1.assemble_response_head`, remembered: a signed-in user's checks get the same answer again and again."""
+    """`http1.assemble_response_head`, remembered: a signed-in user's checks get the same answer again and
+    again. Answers that set a cookie (logins, callbacks, a cleared session) are one-offs: never kept."""
     data = response.data
     key = (data.http_version, data.status_code, data.reason, data.headers.fields)
     head = _heads.get(key)
     if head is None:
         head = http1.assemble_response_head(response)  # as mitmproxy's HTTP/1 server writes it
-        if len(_heads) >= HEAD_MEMO_SIZE:
-            _heads.clear()
-        _heads[key] = head
+        if not any(name.lower() == b"set-cookie" for name, _ in data.headers.fields):
+            if len(_heads) >= HEAD_MEMO_SIZE:
+                _heads.clear()
+            _heads[key] = head
     return head
 
 
@@ -293,7 +296,12 @@ class Connection(asyncio.Protocol):
         return False
 
     def answered_later(self, flow: http.HTTPFlow, keep_alive: bool, task: asyncio.Future[None]) -> None:
-        self.answered(flow, keep_alive, task)
+        try:
+            self.answered(flow, keep_alive, task)
+        except Exception as e:  # a bug of ours, outside the lane's turn: fail closed here, not by the idle timeout
+            logger.error("fast lane: answering failed (%s); refused", where(e))
+            self.refuse(Refusal(403, "step_failed"))
+            return
         self.wake()
 
     def answered(self, flow: http.HTTPFlow, keep_alive: bool, task: asyncio.Future[None] | None) -> None:

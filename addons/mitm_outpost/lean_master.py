@@ -60,12 +60,16 @@ class HookTable(addonmanager.AddonManager):
         return registered
 
     def remove(self, addon: Any) -> None:
-        super().remove(addon)
-        self._handlers.clear()
+        try:
+            super().remove(addon)
+        finally:  # even when it fails halfway, the table is made again from what is left
+            self._handlers.clear()
 
     def clear(self) -> None:
-        super().clear()
-        self._handlers.clear()
+        try:
+            super().clear()
+        finally:
+            self._handlers.clear()
 
     async def trigger_event(self, event: hooks.Hook) -> None:
         handlers = self.handlers(event.name)

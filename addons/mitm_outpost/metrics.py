@@ -20,7 +20,7 @@ from mitmproxy.addonmanager import Loader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__, names, workers
-from .decision import METADATA_KEY
+from .decision import METADATA_KEY, where
 from .listeners import listen_env
 from .prometheus_metrics import (
     CALLBACK_FAILURES,
@@ -149,9 +149,13 @@ class Metrics:
         """A first report after one period: by then every addon's `running` (the listeners) is done."""
         while True:
             await asyncio.sleep(REFRESH)
-            TALLY.flush()
-            SESSIONS.set(self.registry.store.count())
-            WORKER_READY.set(1 if self.registry.is_ready() else 0)
+            try:
+                TALLY.flush()
+                SESSIONS.set(self.registry.store.count())
+                WORKER_READY.set(1 if self.registry.is_ready() else 0)
+            except Exception as e:  # readiness must not go stale: the supervisor's /ping reads it
+                logger.error("metrics: a worker's refresh failed (%s); reported not ready", where(e))
+                WORKER_READY.set(0)
 
 
 async def serve(host: str, port: int, metrics: Callable[[], bytes], ready: Callable[[], bool]) -> asyncio.Server:

@@ -74,9 +74,7 @@ class Sanitize:
             return
         fields = flow.request.headers.fields
         if exchange.forward is not None:  # a forward-auth check: answered here, its fields travel nowhere
-            for name, value in fields:
-                if _COOKIE_PREFIX in value and name.lower() == b"cookie":
-                    self._take_cookies(value, exchange)
+            self._take_cookies_of_check(flow, exchange)
             return
         forward = forwardable(flow.request)
         kept = []
@@ -93,6 +91,21 @@ class Sanitize:
             dropped = {n.decode("latin-1") for n, _ in fields if n.lower() not in left}
             if dropped:
                 note(flow, stripped_headers=", ".join(sorted(dropped)))
+
+    def _take_cookies_of_check(self, flow: http.HTTPFlow, exchange: Exchange) -> None:
+        """Only the outpost's cookies are taken out (and kept on the exchange): never shown or saved with the flow."""
+        fields = flow.request.headers.fields
+        kept, changed = [], False
+        for field in fields:
+            name, value = field
+            if _COOKIE_PREFIX in value and name.lower() == b"cookie":
+                changed = True
+                if value := self._take_cookies(value, exchange):
+                    kept.append((name, value))
+            else:
+                kept.append(field)
+        if changed:
+            flow.request.headers.fields = tuple(kept)
 
     @staticmethod
     def _take_cookies(value: bytes, exchange: Exchange) -> bytes:

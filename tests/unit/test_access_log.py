@@ -181,3 +181,26 @@ async def test_a_streamed_response_cut_short_is_logged_as_incomplete(registry: R
     [line] = lines(caplog)
     record = json.loads(line)
     assert (record["status"], record["incomplete"]) == (206, True)
+
+
+async def test_a_check_logs_the_host_it_asks_about_and_keeps_no_outpost_cookie(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The line's host is the original request's, whatever forwarding headers the proxy sent; the check's flow
+    (what mitmweb shows and `-w` saves) no longer holds the outpost's cookie, only the client's others."""
+    from mitm_outpost.registry import parse_networks
+    from tests.unit.conftest import make_provider
+
+    registry = Registry()
+    registry.replace("test-outpost", (make_provider(name="single", mode="forward_single",
+                                                    external_host="https://fwd.example.test", internal_host=""),))
+    registry.trusted_networks = parse_networks(["127.0.0.0/8"])
+    cookie = await signed_in(registry)
+    check = request("/outpost.goauthentik.io/auth/nginx", host="outpost.internal:9000",
+                    **{"X-Original-URL": "https://fwd.example.test/page?q=1", "X-Forwarded-Host": "elsewhere.test",
+                       "Cookie": f"theme=dark; {cookie}"})
+    with outpost(registry) as tctx, caplog.at_level(logging.INFO, ACCESS):
+        await answered(tctx, check)
+    [line] = lines(caplog)
+    assert json.loads(line)["host"] == "fwd.example.test" and json.loads(line)["decision"] == "allowed"
+    assert check.request.headers["Cookie"] == "theme=dark"
+    assert cookie.partition("=")[2] not in repr(check.get_state())

@@ -296,6 +296,31 @@ def test_the_chain_refuses_an_addon_hook_it_would_not_call() -> None:
         Chain([Slow()])
 
 
+def test_a_synchronous_hook_that_hands_back_a_coroutine_fails_as_a_step_does(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """responseheaders: the upstream's answer is replaced by a 502; response: logged. The coroutine is closed,
+    never left to warn that nobody awaited it."""
+    ran: list[str] = []
+
+    async def later() -> None:
+        ran.append("later")
+
+    class Sneaky:
+        def responseheaders(self, flow: http.HTTPFlow):  # type: ignore[no-untyped-def]
+            return later()
+
+        def response(self, flow: http.HTTPFlow):  # type: ignore[no-untyped-def]
+            return later()
+
+    sneaky = Chain([Sneaky()])
+    f = tflow.tflow(resp=True)
+    with caplog.at_level(logging.ERROR, "mitm_outpost"):
+        sneaky.responseheaders(f)
+        assert f.response is not None and f.response.status_code == 502
+        sneaky.response(f)
+    assert ran == [] and "Sneaky.responseheaders" in caplog.text and "Sneaky.response (TypeError" in caplog.text
+
+
 def test_empty_answers_are_independent_copies() -> None:
     from mitm_outpost import pages
 

@@ -7,7 +7,7 @@ from mitmproxy import http
 from mitmproxy.net.http import http1
 from mitmproxy.test import tflow
 
-from mitm_outpost import forwarded, pages
+from mitm_outpost import forwarded, lane_connection, pages
 from mitm_outpost.lane_connection import IndexedHeaders, make_flow, make_request, response_head
 
 FIELDS = ((b"Host", b"app.example.test"), (b"X-Original-URL", b"http://app.example.test/a?b=1"),
@@ -89,3 +89,7 @@ def test_a_remembered_answer_head_is_the_assembled_one() -> None:
         heads.append(response_head(response))
         assert heads[-1] == http1.assemble_response_head(response)
     assert heads[0] == heads[3] and len(set(heads)) == 3
+    login = pages.empty(302)
+    login.headers.add("Set-Cookie", "authentik_proxy_abc=state; HttpOnly")
+    assert response_head(login) == http1.assemble_response_head(login)
+    assert not any(b"authentik_proxy_abc" in head for head in lane_connection._heads.values())  # a one-off, not kept
