@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     for noisy in ("hpack", "asyncio", "mitmproxy.proxy.server", "mitmproxy.addons.proxyserver"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if count > 1 and not workers.is_worker():
-        sys.exit(supervisor.supervise(argv, opts, count))
+        sys.exit(supervisor.supervise(argv, opts, count, args.setoptions))
     # Until Lifecycle takes SIGHUP over (at the first configure), a reload signal must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sys.exit(asyncio.run(run(args), loop_factory=LOOPS[args.loop]))

@@ -28,7 +28,8 @@ import tempfile
 import time
 from typing import Any
 
-from mitmproxy import exceptions
+from mitmproxy import certs, exceptions
+from mitmproxy.options import CONF_BASENAME, Options
 from mitmproxy.optmanager import OptManager
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -78,13 +79,29 @@ def check_ports_free(host: str, ports: list[int]) -> None:
                 probe.bind(address)
 
 
-def supervise(argv: list[str], opts: OptManager, count: int) -> int:
+def make_certificate_authority(setoptions: list[str]) -> None:
+    """mitmproxy makes its CA in `confdir` at the first start. N workers starting at once would each write
+    it, and one could read another's half-written key ("Unable to load PEM file"): the supervisor makes it
+    once, as mitmproxy would, before any worker starts."""
+    opts = Options()
+    opts.set(*setoptions, defer=True)  # the outpost's own options wait, unparsed
+    certs.CertStore.from_store(path=os.path.expanduser(opts.confdir), basename=CONF_BASENAME,
+                               key_size=opts.key_size,
+                               passphrase=opts.cert_passphrase.encode() if opts.cert_passphrase else None)
+
+
+def supervise(argv: list[str], opts: OptManager, count: int, setoptions: list[str]) -> int:
     """Runs the workers until SIGTERM; the exit status."""
     try:
         workers.require_shared_store(opts.outpost_config, count)  # the workers check it too, at every reload
     except exceptions.OptionsError as e:
         print(f"mitm_outpost: {e}", file=sys.stderr)
         return 2
+    try:
+        make_certificate_authority(setoptions)
+    except (OSError, ValueError, exceptions.OptionsError) as e:
+        print(f"mitm_outpost: cannot make or read the certificate authority in confdir: {e}", file=sys.stderr)
+        return 1
     try:
         check_ports_free(opts.outpost_listen_host, [opts.outpost_http_port, opts.outpost_https_port])
     except OSError as e:

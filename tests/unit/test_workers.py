@@ -122,3 +122,14 @@ def test_a_port_in_use_stops_the_supervisor_before_any_worker() -> None:
             supervisor.check_ports_free("127.0.0.1", [0, port])
         assert refused.value.errno == errno.EADDRINUSE
     supervisor.check_ports_free("127.0.0.1", [0, port])
+
+
+def test_the_supervisor_makes_the_certificate_authority_once_before_the_workers(tmp_path: Path) -> None:
+    """Workers starting at once in a fresh confdir would each write mitmproxy's CA; one read another's
+    half-written key in CI ("Unable to load PEM file")."""
+    confdir = tmp_path / "conf"
+    supervisor.make_certificate_authority([f"confdir={confdir}", "outpost_workers=2"])
+    made = {p.name: p.read_bytes() for p in confdir.iterdir()}
+    assert "mitmproxy-ca.pem" in made and b"PRIVATE KEY" in made["mitmproxy-ca.pem"]
+    supervisor.make_certificate_authority([f"confdir={confdir}"])  # a second start reads it, never remakes it
+    assert {p.name: p.read_bytes() for p in confdir.iterdir()} == made
