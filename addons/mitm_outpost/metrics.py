@@ -72,6 +72,7 @@ class Metrics:
         self.refresher: asyncio.Task[None] | None = None
         self.info_labels: tuple[str, ...] = ()
         self.children: dict[tuple[Any, ...], Any] = {}  # labels() is slow; label sets are few and fixed
+        self.per_request: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}  # see labelled()
         self.hosts = host_labels(registry)
         registry.on_change.append(self.providers_changed)
 
@@ -93,6 +94,7 @@ class Metrics:
         INFO.labels(*labels).set(1)
         LAST_UPDATE.labels(*labels).set(time.time())
         self.children.clear()
+        self.per_request.clear()
         self.hosts = host_labels(self.registry)
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -102,25 +104,34 @@ class Metrics:
             found = self.children[key] = metric.labels(*labels)
         return found
 
+    def labelled(self, provider_name: str, method: str, kind: str, outcome: str) -> tuple[Any, Any, Any]:
+        """The request histogram's and the decision counter's children for these labels, and the provider:
+        made once per label set and provider set (a request asks for them, not for `labels()` each time)."""
+        key = (provider_name, method, kind, outcome)
+        found = self.per_request.get(key)
+        if found is None:
+            provider = self.registry.by_name.get(provider_name)
+            requests = self.child(REQUESTS, self.registry.outpost_name, method, self.hosts.get(provider_name, ""), kind)
+            decisions = self.child(DECISIONS, provider.name, outcome) if provider is not None else None
+            found = self.per_request[key] = (requests, decisions, provider)
+        return found
+
     def response(self, flow: http.HTTPFlow) -> None:
         record = flow.metadata.get(METADATA_KEY)
         if not record:
             return
-        provider_name = record.get("provider", "")
-        provider = self.registry.by_name.get(provider_name)
         method = _METHOD_LABELS.get(flow.request.data.method, "OTHER")
         outcome = record.get("outcome", "")
-        name = self.registry.outpost_name
         response = flow.response
         end = response.data.timestamp_end if response and response.data.timestamp_end else time.time()
         code = record.get("code", "")
-        kind = "ping" if code in names.HEALTH else "app"
-        host = self.hosts.get(provider_name, "")
-        TALLY.observe(self.child(REQUESTS, name, method, host, kind), end - flow.request.data.timestamp_start)
+        requests, decisions, provider = self.labelled(
+            record.get("provider", ""), method, "ping" if code in names.HEALTH else "app", outcome)
+        TALLY.observe(requests, end - flow.request.data.timestamp_start)
         if route := record.get("route"):
             TALLY.inc(self.child(ROUTES, route))
         if provider is not None:
-            TALLY.inc(self.child(DECISIONS, provider.name, outcome))
+            TALLY.inc(decisions)
             if code == "signed_in":
                 LOGINS.labels(provider.name).inc()
             elif record.get("endpoint") == names.CALLBACK and outcome == "denied":
@@ -128,7 +139,9 @@ class Metrics:
             upstream = provider.backend  # None in the forward-auth modes: a check the outpost answered went nowhere
             if (upstream is not None and outcome in ("allowed", "skipped") and response and response.timestamp_start
                     and flow.request.timestamp_end):
-                TALLY.observe(self.child(UPSTREAM, name, method, upstream.scheme, host, upstream.host_header),
+                host = self.hosts.get(provider.name, "")
+                TALLY.observe(self.child(UPSTREAM, self.registry.outpost_name, method, upstream.scheme, host,
+                                         upstream.host_header),
                               response.timestamp_start - flow.request.timestamp_end)
 
     async def running(self) -> None:
