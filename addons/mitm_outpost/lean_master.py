@@ -7,7 +7,7 @@ proxied request raises eight events (four hooks, each followed by `update`, whic
 the runner's addons has): about 40 µs of CPU a request. `HookTable` makes each event's list
 of handlers once, and again whenever an addon is added or removed, and calls them exactly
 as mitmproxy does: in order, each top-level addon under its own `safecall`, `AddonHalt`
-ending the event.
+ending the event. (The discouraged synchronous `trigger`, off the request path, stays mitmproxy's.)
 
 mitmproxy also type-checks every field of every message it makes, in a `__post_init__` that
 exists only `if __debug__` (python -O drops it): about 30 µs a proxied request for the
@@ -83,22 +83,6 @@ class HookTable(addonmanager.AddonManager):
                         result = func(*args)
                         if result is not None and inspect.isawaitable(result):
                             await result
-            except exceptions.AddonHalt:
-                return
-
-    def trigger(self, event: hooks.Hook) -> None:
-        handlers = self.handlers(event.name)
-        if not handlers:
-            return
-        args = arguments(event)
-        for funcs in handlers:
-            try:
-                with safecall():
-                    for func in funcs:
-                        if inspect.iscoroutinefunction(func):
-                            raise exceptions.AddonManagerError(
-                                f"Async handler {event.name} ({func}) cannot be called from sync context")
-                        func(*args)
             except exceptions.AddonHalt:
                 return
 
